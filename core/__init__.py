@@ -1,0 +1,29 @@
+"""quiesce: hold databases quiesced across a disk snapshot, release them after.
+
+The public API for adapter authors is what this module exports; everything else is
+internal and may change.
+"""
+
+import pluggy
+
+from .errors import (AdapterConflictError, AdapterLoadError, BusyError, ConfigError,
+                     HoldBroken, MissingDriverError, QuiesceError, TargetError)
+from .hookspecs import PROJECT
+from .target import Hold, Target
+
+#: Marker for adapter hook implementations: ``@quiesce.hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = [
+    "AdapterConflictError",
+    "AdapterLoadError",
+    "BusyError",
+    "ConfigError",
+    "Hold",
+    "HoldBroken",
+    "MissingDriverError",
+    "QuiesceError",
+    "Target",
+    "TargetError",
+    "hookimpl",
+]

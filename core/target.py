@@ -1,0 +1,129 @@
+"""What adapters receive (Target) and what they hand back for holding (Hold)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+_REQUIRED = object()
+
+
+def check_private_file(path: str, *, what: str = "file", config_file: str | None = None,
+                       key: str | None = None) -> None:
+    """Refuse a file that other users could read or change: it may hold credentials.
+
+    The owner must be root or the user running quiesce; group and other get no access.
+    This is the rule the Azure host applies to its own config, for the same reason.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist", file=config_file, key=key) from None
+    except PermissionError:
+        raise ConfigError(f"cannot read {what} {path}: permission denied "
+                          f"(run quiesce as root or as the file's owner)",
+                          file=config_file, key=key) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file", file=config_file, key=key)
+    euid = os.geteuid()
+    if st.st_uid not in {0, euid}:
+        owner = "root" if euid == 0 else "root or the user running quiesce"
+        raise ConfigError(f"refusing {what} {path}: it is owned by uid {st.st_uid}, not "
+                          f"{owner}; run: chown {euid} {path}", file=config_file, key=key)
+    if st.st_mode & 0o077:
+        raise ConfigError(f"refusing {what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
+                          f"group or other users access it, and it may hold credentials; "
+                          f"run: chmod 600 {path}", file=config_file, key=key)
+
+
+@dataclass
+class Target:
+    """One entry of ``[targets.NAME]`` in the config file.
+
+    Adapters read their settings through :meth:`option`, :meth:`secret` and
+    :meth:`private_file`, which raise :class:`ConfigError` naming the file, the target and
+    the key. Keys that no adapter read during ``validate`` are reported as unknown, so a
+    typo never passes silently.
+    """
+
+    name: str
+    kind: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: Longest any single step (connect, lock wait, statement) may take, in seconds.
+    timeout: float = 10.0
+    #: Longest the target may stay quiesced; the holder's watchdog releases it then.
+    max_hold: float = 120.0
+    #: The config file this target came from (for messages).
+    config_file: str | None = None
+    _read: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    def key(self, key: str) -> str:
+        return f"targets.{self.name}.{key}"
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError for *key* of this target, for adapters' own checks."""
+        return ConfigError(message, file=self.config_file, key=self.key(key))
+
+    def option(self, key: str, type: type | tuple[type, ...] = str, default: Any = _REQUIRED,
+               *, choices: tuple | None = None) -> Any:
+        """The value of setting *key*, checked against *type* and *choices*."""
+        self._read.add(key)
+        if key not in self.settings:
+            if default is _REQUIRED:
+                raise self.error(key, f"missing required key {key!r} for kind {self.kind!r}")
+            return default
+        value = self.settings[key]
+        types = type if isinstance(type, tuple) else (type,)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join(t.__name__ for t in types)
+            raise self.error(key, f"expected {expected}, got {value!r}")
+        if choices is not None and value not in choices:
+            raise self.error(key, f"expected one of {', '.join(map(repr, choices))}, "
+                                  f"got {value!r}")
+        return value
+
+    def private_file(self, key: str, default: Any = _REQUIRED) -> str | None:
+        """A path setting naming a credentials file, checked like the config file."""
+        path = self.option(key, str, default)
+        if path is not None:
+            check_private_file(path, what=f"{key} file", config_file=self.config_file,
+                               key=self.key(key))
+        return path
+
+    def secret(self, key: str, default: Any = _REQUIRED) -> str | None:
+        """The contents of the protected file named by *key*, without the final newline."""
+        path = self.private_file(key, default)
+        if path is None:
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+
+    def unknown_keys(self) -> list[str]:
+        return sorted(set(self.settings) - self._read)
+
+
+@dataclass
+class Hold:
+    """What ``quiesce`` returns: what must stay alive until ``thaw``.
+
+    ``session`` is the live object (a connection in a transaction, a lock) that keeps the
+    target quiesced; the holder process keeps it open. Leave it ``None`` when the server
+    keeps the state by itself (a Redis pause, a MongoDB fsync lock).
+
+    ``facts`` is JSON-serialisable information that ``thaw`` needs even if the holder has
+    died (a pause deadline, a lock count) and that the operator wants reported (binlog
+    coordinates, an LSN). It is kept on tmpfs and printed: never put a secret in it.
+    """
+
+    session: Any = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def session_bound(self) -> bool:
+        return self.session is not None
