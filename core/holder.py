@@ -1,0 +1,408 @@
+"""The holder: a detached process that quiesces the targets and keeps them quiesced.
+
+Session-bound states (a SQLite write lock, a MySQL global read lock, a PostgreSQL
+backup) live only as long as the connection that created them, and the pre-script must
+return before the snapshot starts. So ``quiesce freeze`` forks this process, which runs
+every phase itself, keeps the connections open, and waits for ``quiesce thaw`` on a unix
+socket in the runtime directory. It releases every target, in reverse order, on the
+first of:
+
+* a ``thaw`` request (the normal case);
+* the watchdog: ``max_hold`` seconds after the targets were quiesced;
+* the ``freeze`` command dying before it acknowledged "ready";
+* SIGTERM or SIGINT.
+
+It keeps its state on tmpfs and its log lines in memory until the targets are released,
+because the host may freeze every disk filesystem while it holds (DESIGN.md invariant 2).
+Its exclusive lock on ``<runtime_dir>/lock`` lasts exactly as long as it lives, so a
+second ``freeze`` knows one is already holding, and a crash-thaw knows none is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+from . import logs
+from .config import Config
+from .errors import BusyError, ConfigError
+from .phases import Outcome, call, hard_limit, run_phase
+from .plugins import Adapters
+from .target import Hold
+from .thaw import LOCK_NAME, SOCKET_NAME, read_state, write_state
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 30.0      # how long the holder waits for freeze to acknowledge "ready"
+ANSWER_GRACE = 10.0     # how long it waits for a thaw reply to be sent before exiting
+
+
+def prepare_runtime_dir(path: str) -> None:
+    """Create the runtime directory, private to this user (it holds the control socket)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"cannot create runtime_dir {path}: {e}") from e
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ConfigError(f"refusing runtime_dir {path}: it must belong to this user and be "
+                          f"private; run: chown {os.geteuid()} {path} && chmod 700 {path}")
+
+
+def take_lock(runtime_dir: str) -> int:
+    """The freeze lock, or BusyError naming the holder that has it."""
+    fd = os.open(os.path.join(runtime_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        state = read_state(runtime_dir) or {}
+        since = state.get("held_since") or state.get("started_at")
+        when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "unknown time"
+        raise BusyError(f"targets are already held since {when} by holder pid "
+                        f"{state.get('holder_pid', '?')}; run `quiesce thaw` first "
+                        f"(or `quiesce status`)") from None
+    return fd
+
+
+class Holder:
+    def __init__(self, config: Config, adapters: Adapters, *, report_fd: int, ack_fd: int,
+                 lock_fd: int):
+        self.config, self.adapters = config, adapters
+        self.runtime_dir = config.runtime_dir
+        self.report_fd, self.ack_fd, self.lock_fd = report_fd, ack_fd, lock_fd
+        self.holds: dict[str, Hold] = {}
+        self.cancel = threading.Event()      # a thaw came before freeze finished
+        self.freeze_done = threading.Event()
+        self.released = threading.Event()
+        self.answered = threading.Event()
+        self.signalled: str | None = None
+        self._release_lock = threading.Lock()
+        self.report: dict[str, Any] | None = None
+        self.state: dict[str, Any] = {
+            "version": 1, "config": config.path, "holder_pid": os.getpid(),
+            "started_at": time.time(), "held_since": None, "deadline": None,
+            "max_hold": config.max_hold, "phase": "starting", "released_by": None,
+            "released_at": None, "acknowledged": False, "outcomes": [],
+            "targets": [{"name": t.name, "kind": t.kind, "status": "pending",
+                         "session_bound": False, "facts": {}} for t in config.targets],
+        }
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def _save(self) -> None:
+        write_state(self.runtime_dir, self.state)
+
+    def _target_state(self, name: str) -> dict[str, Any]:
+        return next(t for t in self.state["targets"] if t["name"] == name)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            os.write(self.report_fd, json.dumps(message).encode() + b"\n")
+        except OSError:
+            pass  # freeze is gone; the ack check will notice
+
+    def _parent_gone(self) -> bool:
+        readable, _, _ = select.select([self.ack_fd], [], [], 0)
+        return bool(readable)  # freeze writes nothing before "ready": readable means EOF
+
+    # -- freeze ------------------------------------------------------------------
+
+    def _freeze(self) -> bool:
+        targets = self.config.targets
+        for hook in ("check", "flush"):
+            self.state["phase"] = hook
+            results = run_phase(self.adapters, hook, targets)
+            self._send({"type": "progress", "outcomes": [o.as_dict() for o, _ in results]})
+            if any(not o.ok for o, _ in results) or self.cancel.is_set() or self._parent_gone():
+                return False
+        self.state["phase"] = "quiesce"
+        for t in self.state["targets"]:
+            t["status"] = "quiescing"  # recorded first: a crash-thaw must release these
+        self.state["held_since"] = time.time()
+        self.state["deadline"] = self.state["held_since"] + self.config.max_hold
+        self._save()
+        results = run_phase(self.adapters, "quiesce", targets)
+        for target, (outcome, hold) in zip(targets, results):
+            entry = self._target_state(target.name)
+            if outcome.ok:
+                hold = hold if isinstance(hold, Hold) else Hold()
+                self.holds[target.name] = hold
+                entry.update(status="held", session_bound=hold.session_bound, facts=hold.facts)
+            else:
+                entry["status"] = "failed"
+        self._save()
+        self._send({"type": "progress", "outcomes": [o.as_dict() for o, _ in results]})
+        return all(o.ok for o, _ in results) and not self.cancel.is_set()
+
+    def _handshake(self) -> bool:
+        """Tell freeze we hold everything; true once it acknowledged (it is alive)."""
+        self.state["phase"] = "held"
+        self._save()
+        self._send({"type": "ready", "report": self._status_report()})
+        readable, _, _ = select.select([self.ack_fd], [], [], ACK_TIMEOUT)
+        return bool(readable) and os.read(self.ack_fd, 16).startswith(b"ack")
+
+    # -- release -----------------------------------------------------------------
+
+    def release(self, by: str, reason: str | None = None) -> dict[str, Any]:
+        """Thaw every held target in reverse order, once; later calls get the same report.
+
+        *reason* set means the hold did not cover the window as promised: every released
+        target is then reported as broken with that reason.
+        """
+        with self._release_lock:
+            if self.report is not None:
+                return self.report
+            outcomes: list[Outcome] = []
+            for target in reversed(self.config.targets):
+                hold = self.holds.pop(target.name, None)
+                if hold is None:
+                    continue
+                outcome, _ = call(self.adapters, "thaw", target, hold=hold)
+                if reason and outcome.status == "ok":
+                    outcome.status, outcome.error = "broken", reason
+                outcomes.append(outcome)
+                self._target_state(target.name)["status"] = (
+                    "released" if outcome.status == "ok" else outcome.status)
+            now = time.time()
+            held_for = now - self.state["held_since"] if self.state["held_since"] else 0.0
+            ok = not reason and all(o.ok for o in outcomes)
+            message = reason or (f"released {len(outcomes)} target(s), held for {held_for:.1f} s"
+                                 if ok else "released, but not every target was held to the end")
+            self.state.update(phase="released", released_by=by, released_at=now,
+                              outcomes=[o.as_dict() for o in outcomes], message=message,
+                              acknowledged=by in {"thaw", "freeze-failed"})
+            self._save()
+            self.report = {"ok": ok, "action": "thawed", "released_by": by,
+                           "held_for": round(held_for, 3), "message": message,
+                           "outcomes": [o.as_dict() for o in outcomes]}
+            self.released.set()
+            log.info("released by %s: %s", by, message)
+            return self.report
+
+    # -- control socket ----------------------------------------------------------
+
+    def _listen(self) -> socket.socket:
+        path = SOCKET_NAME  # relative: cwd is the runtime dir, and sun_path is short
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is created 0600: only this user connects
+        try:
+            server.bind(path)
+        finally:
+            os.umask(old_umask)
+        server.listen(8)
+        return server
+
+    def _serve(self, server: socket.socket) -> None:
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                try:
+                    self._answer(conn)
+                except (OSError, ValueError) as e:
+                    log.warning("control request failed: %s", e)
+
+    def _answer(self, conn: socket.socket) -> None:
+        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+        if uid not in {0, os.geteuid()}:
+            log.warning("refused a control request from uid %d", uid)
+            return
+        conn.settimeout(5.0)
+        op = json.loads(conn.makefile("rb").readline() or b"{}").get("op")
+        if op == "thaw":
+            self.cancel.set()
+            self.freeze_done.wait()
+            report = self.release("thaw")
+            conn.sendall(json.dumps(report).encode())
+            self.state["acknowledged"] = True
+            self._save()
+            self.answered.set()
+        elif op == "status":
+            conn.sendall(json.dumps(self._status_report()).encode())
+
+    def _status_report(self) -> dict[str, Any]:
+        return {"ok": True, "alive": True, **self.state}
+
+    # -- main --------------------------------------------------------------------
+
+    def run(self) -> int:
+        memory = logs.buffer_until_released(self.config.log_file)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: setattr(self, "signalled",
+                                                              signal.Signals(signum).name))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        log.info("holder started for %s", ", ".join(t.name for t in self.config.targets))
+        try:
+            self._save()
+            server = self._listen()
+            threading.Thread(target=self._serve, args=(server,), daemon=True).start()
+            if not self._freeze():
+                failed = [o for o in self.state["targets"] if o["status"] == "failed"]
+                reason = ("thaw came while freeze was still quiescing: the snapshot was not "
+                          "covered" if self.cancel.is_set() and not failed else None)
+                self.release("thaw" if reason else "freeze-failed", reason)
+                self._send({"type": "failed", "report": self.report})
+                return 1
+            if not self._handshake():
+                self.release("freeze-died", "the freeze command died before it reported "
+                                            "ready, so no hold was promised")
+                return 1
+            self.freeze_done.set()
+            while not self.released.wait(timeout=0.2):
+                if self.signalled:
+                    self.release("signal", f"the holder received {self.signalled} and "
+                                           f"released every target before thaw came")
+                elif time.time() >= self.state["deadline"]:
+                    self.release("watchdog", f"the watchdog released it after max_hold "
+                                             f"({self.config.max_hold:g} s), before thaw came")
+            self.answered.wait(timeout=ANSWER_GRACE if self.state["released_by"] == "thaw" else 0)
+            return 0
+        finally:
+            self.freeze_done.set()
+            if self.report is None and self.holds:
+                self.release("holder-error", "the holder failed and released every target")
+            memory.flush()  # the targets are released: the disk may be written now
+            try:
+                os.unlink(SOCKET_NAME)
+            except OSError:
+                pass
+
+
+def _redirect_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def start(config: Config, adapters: Adapters, on_progress=None) -> dict[str, Any]:
+    """Fork the holder and wait until it holds every target (or failed); the freeze."""
+    prepare_runtime_dir(config.runtime_dir)
+    lock_fd = take_lock(config.runtime_dir)
+    report_r, report_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the holder
+        code = 70
+        try:
+            os.setsid()  # out of the caller's session: the host's signals are not ours
+            os.close(report_r)
+            os.close(ack_w)
+            os.chdir(config.runtime_dir)  # never keep a frozen filesystem as cwd
+            _redirect_stdio()  # never hold the host's pipes open
+            code = Holder(config, adapters, report_fd=report_w, ack_fd=ack_r,
+                          lock_fd=lock_fd).run()
+        except BaseException:
+            log.exception("holder crashed")
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(ack_r)
+    os.close(lock_fd)  # the holder's copy keeps the lock
+    limit = 3 * max(hard_limit(t) for t in config.targets) + ACK_TIMEOUT
+    deadline = time.monotonic() + limit
+    outcomes: list[dict[str, Any]] = []
+    final = None
+    with os.fdopen(report_r, "rb") as reports:
+        while final is None:
+            readable, _, _ = select.select([reports], [], [], max(0.0, deadline - time.monotonic()))
+            line = reports.readline() if readable else b""
+            if not line:
+                break
+            message = json.loads(line)
+            if message["type"] == "progress":
+                outcomes += message["outcomes"]
+                if on_progress:
+                    on_progress(message["outcomes"])
+            else:
+                final = message
+    if final and final["type"] == "ready":
+        os.write(ack_w, b"ack\n")
+    os.close(ack_w)
+    report: dict[str, Any] = {"ok": False, "action": "freeze-failed", "holder_pid": pid,
+                              "outcomes": outcomes}
+    if final is None:
+        report["message"] = (f"the holder (pid {pid}) died or stalled before reporting; it "
+                             f"releases whatever it took as soon as it sees freeze is gone")
+    elif final["type"] == "ready":
+        state = final["report"]
+        until = time.strftime("%H:%M:%S", time.localtime(state["deadline"]))
+        report.update(ok=True, action="frozen", held_since=state["held_since"],
+                      deadline=state["deadline"],
+                      message=f"holding {len(config.targets)} target(s) (holder pid {pid}) "
+                              f"until `quiesce thaw`, or until the watchdog releases them at "
+                              f"{until} (max_hold {config.max_hold:g} s)")
+    else:
+        released = final["report"]
+        report["outcomes"] += released["outcomes"]
+        failed = [o for o in outcomes if o["status"] != "ok"]
+        names = ", ".join(f"{o['target']} ({o['phase']})" for o in failed) or "none"
+        report["message"] = (f"freeze failed for {names}; every target it had quiesced "
+                             f"was released" if failed else released["message"])
+    return report
+
+
+def recover(config: Config, adapters: Adapters) -> dict[str, Any]:
+    """Thaw with no holder alive: release what the state file says is still held.
+
+    The holder died (killed, crashed, machine trouble) with targets held. Session-bound
+    holds ended with it at an unknown moment, so they are reported as broken; server-kept
+    states (a Redis pause, a MongoDB fsync lock) are released here through their adapters.
+    """
+    prepare_runtime_dir(config.runtime_dir)
+    lock_fd = take_lock(config.runtime_dir)  # BusyError: a holder lives but did not answer
+    try:
+        state = read_state(config.runtime_dir)
+        if state is None or state.get("corrupt"):
+            # Nothing trustworthy is recorded: ask every adapter to release what it can.
+            state = {"holder_pid": "?", "targets": [
+                {"name": t.name, "kind": t.kind, "status": "held", "session_bound": True,
+                 "facts": {}} for t in config.targets]}
+        pid = state.get("holder_pid", "?")
+        outcomes: list[Outcome] = []
+        for entry in reversed(state["targets"]):
+            if entry["status"] not in {"held", "quiescing"}:
+                continue
+            target = config.target(entry["name"])
+            if target is None:
+                outcomes.append(Outcome(entry["name"], entry["kind"], "thaw", "failed", 0.0,
+                                        error="recorded as held but no longer in the config; "
+                                              "release it by hand"))
+                continue
+            outcome, _ = call(adapters, "thaw", target,
+                              hold=Hold(session=None, facts=entry.get("facts") or {}))
+            if outcome.status == "ok" and (entry["session_bound"] or entry["status"] == "quiescing"):
+                outcome.status = "broken"
+                outcome.error = (f"the holder (pid {pid}) died before thaw and its session "
+                                 f"ended with it, at an unknown time")
+            entry["status"] = "released" if outcome.status == "ok" else outcome.status
+            outcomes.append(outcome)
+        ok = all(o.ok for o in outcomes)
+        message = (f"no holder was alive; released {len(outcomes)} target(s) recorded as held"
+                   + ("" if ok else ": not every hold covered the window"))
+        state.update(phase="released", released_by="recovery", released_at=time.time(),
+                     acknowledged=True, message=message,
+                     outcomes=[o.as_dict() for o in outcomes])
+        write_state(config.runtime_dir, state)
+        return {"ok": ok, "action": "recovered", "message": message,
+                "outcomes": [o.as_dict() for o in outcomes]}
+    finally:
+        os.close(lock_fd)

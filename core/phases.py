@@ -1,0 +1,100 @@
+"""Calling one hook for many targets, each outcome kept as a value.
+
+pluggy stops a 1:N call at the first exception; here every target gets its own call,
+its own duration and its own result or error, so one failure never hides another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import HoldBroken, QuiesceError
+from .plugins import Adapters
+from .target import Hold, Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What one hook did to one target."""
+
+    target: str
+    kind: str
+    phase: str
+    status: str  # "ok" | "failed" | "broken"
+    duration: float
+    facts: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe(error: BaseException) -> str:
+    """One line for the operator; our own errors carry their message as is."""
+    if isinstance(error, QuiesceError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def hard_limit(target: Target) -> float:
+    """How long the core waits for one hook call before abandoning it.
+
+    Adapters bound each wait by ``target.timeout``; a hook may take a few such steps
+    (connect, then lock, then a statement), so the core allows several before it gives up.
+    """
+    return target.timeout * 4 + 5
+
+
+def call(adapters: Adapters, hook: str, target: Target, **kwargs: Any) -> tuple[Outcome, Any]:
+    """Call *hook* for *target*; never raises."""
+    started = time.monotonic()
+    result, error, status = None, None, "ok"
+    try:
+        result = adapters.call(hook, target, **kwargs)
+    except HoldBroken as e:
+        status, error = "broken", describe(e)
+    except Exception as e:
+        status, error = "failed", describe(e)
+        log.debug("%s %s failed", hook, target.name, exc_info=True)
+    duration = time.monotonic() - started
+    facts = result.facts if isinstance(result, Hold) else result
+    if facts is not None and not isinstance(facts, dict):
+        facts = {"result": repr(facts)}
+    outcome = Outcome(target.name, target.kind, hook, status, duration, facts or None, error)
+    log.info("%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, status,
+             duration * 1000, f": {error}" if error else "")
+    return outcome, result
+
+
+def run_phase(adapters: Adapters, hook: str, targets: list[Target],
+              **kwargs: Any) -> list[tuple[Outcome, Any]]:
+    """Call *hook* for every target concurrently; results in the targets' order.
+
+    A call that overruns :func:`hard_limit` is reported as failed and abandoned: its
+    thread may still finish, which is why a failed freeze ends the holder process.
+    """
+    pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix=hook)
+    started = time.monotonic()
+    futures = [pool.submit(call, adapters, hook, t, **kwargs) for t in targets]
+    results = []
+    for target, future in zip(targets, futures):
+        limit = hard_limit(target)
+        try:
+            results.append(future.result(timeout=max(0.0, started + limit - time.monotonic())))
+        except FutureTimeout:
+            results.append((Outcome(target.name, target.kind, hook, "failed", limit,
+                                    error=f"{hook} did not return within {limit:g} s; "
+                                          f"abandoned"), None))
+    pool.shutdown(wait=False)
+    return results

@@ -1,0 +1,197 @@
+"""The thaw path, kept lean: standard library only, runnable as a file.
+
+The post-script runs ``python -I -S -B <this file> --config FILE`` so that releasing the
+databases costs one interpreter start and one round trip to the holder, without
+importing pluggy, click or any driver. Only when no holder is alive and something is
+still recorded as held does it hand over to the full CLI (``quiesce thaw``), which
+loads the adapters to release server-kept state.
+
+Nothing here writes to a disk filesystem: the runtime directory is on tmpfs and the
+report goes to stdout (DESIGN.md invariant 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+DEFAULT_CONFIG = "/etc/quiesce/quiesce.toml"
+DEFAULT_RUNTIME_DIR = "/run/quiesce"
+ENV_CONFIG = "QUIESCE_CONFIG"
+SOCKET_NAME = "holder.sock"
+STATE_NAME = "state.json"
+LOCK_NAME = "lock"
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a target failed, or a hold did not cover the whole window
+EXIT_USAGE = 2   # bad command line or config
+EXIT_BUSY = 3    # freeze refused: another freeze is holding
+
+#: Statuses a target can end in; only "ok" means app-consistent for that target.
+BAD_STATUSES = {"failed", "broken"}
+
+
+def config_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
+
+
+def runtime_dir_of(config_file: str) -> str:
+    """The runtime directory named by *config_file* (no validation: the freeze did it)."""
+    try:
+        import tomllib
+        with open(config_file, "rb") as f:
+            return tomllib.load(f).get("runtime_dir", DEFAULT_RUNTIME_DIR)
+    except (OSError, ValueError):
+        return DEFAULT_RUNTIME_DIR
+
+
+def read_state(runtime_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(runtime_dir, STATE_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"corrupt": True}
+
+
+def write_state(runtime_dir: str, state: dict) -> None:
+    """Atomically replace the state file (tmpfs: safe while disks are frozen)."""
+    path = os.path.join(runtime_dir, STATE_NAME)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def request(runtime_dir: str, op: str, *, timeout: float) -> dict | None:
+    """Send *op* to the holder; ``None`` when no holder is listening."""
+    path = os.path.join(runtime_dir, SOCKET_NAME)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        if len(path.encode()) < 100:
+            sock.connect(path)
+        else:  # sun_path holds 107 bytes: connect by a relative name from inside the dir
+            cwd = os.open(".", os.O_RDONLY)
+            try:
+                os.chdir(runtime_dir)
+                sock.connect(SOCKET_NAME)
+            finally:
+                os.fchdir(cwd)
+                os.close(cwd)
+        with sock:
+            sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except (FileNotFoundError, ConnectionError):
+        sock.close()
+        return None  # no holder, or it exited while answering: the state file tells
+    return json.loads(b"".join(chunks)) if chunks else None
+
+
+def report_exit_code(report: dict) -> int:
+    return EXIT_FAILED if not report.get("ok", False) else EXIT_OK
+
+
+def render(report: dict) -> str:
+    """Human-readable lines for a freeze/thaw/check/status report."""
+    lines = [report.get("message", "")]
+    width = max((len(o["target"]) + len(o["kind"]) for o in report.get("outcomes", ())), default=0)
+    for o in report.get("outcomes", ()):
+        label = f"{o['target']} ({o['kind']})".ljust(width + 3)
+        status = {"ok": "ok", "failed": "FAILED", "broken": "BROKEN"}.get(o["status"], o["status"])
+        line = f"  {status:<7} {label} {o['phase']:<8} {o['duration'] * 1000:7.1f} ms"
+        if o.get("error"):
+            line += f"  {o['error']}"
+        lines.append(line)
+        for key, value in (o.get("facts") or {}).items():
+            lines.append(f"            {key}: {value}")
+    return "\n".join(line for line in lines if line)
+
+
+def state_report(state: dict | None, runtime_dir: str) -> tuple[dict, bool]:
+    """What to say when no holder answers; second item: adapters are needed to recover."""
+    if state is None:
+        return {"ok": True, "action": "nothing-held", "outcomes": [],
+                "message": f"nothing to thaw: no freeze is recorded in {runtime_dir}"}, False
+    if state.get("corrupt"):
+        return {"ok": False, "action": "unknown", "outcomes": [],
+                "message": f"{runtime_dir}/{STATE_NAME} is unreadable; run `quiesce thaw` "
+                           f"(the full command) to release every target"}, True
+    pending = [t for t in state.get("targets", ()) if t["status"] in {"held", "quiescing"}]
+    if pending:
+        return {}, True
+    if state.get("acknowledged"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("released_at") or 0))
+        return {"ok": True, "action": "nothing-held", "outcomes": [],
+                "message": f"nothing to thaw: already released ({state.get('released_by')}) "
+                           f"at {when}"}, False
+    outcomes = state.get("outcomes", [])
+    ok = not any(o["status"] in BAD_STATUSES for o in outcomes)
+    return {"ok": ok, "action": "reported", "outcomes": outcomes,
+            "message": state.get("message", "released before thaw came")}, False
+
+
+def acknowledge(runtime_dir: str, state: dict) -> None:
+    state["acknowledged"] = True
+    write_state(runtime_dir, state)
+
+
+def thaw_via_holder(runtime_dir: str, *, timeout: float = 300.0) -> tuple[dict | None, bool]:
+    """Release through the holder, or from the state file alone.
+
+    Returns ``(report, needs_recovery)``: when *needs_recovery* is true, targets are still
+    recorded as held and no holder is alive, so the adapters must release them.
+    """
+    report = request(runtime_dir, "thaw", timeout=timeout)
+    if report is not None:
+        return report, False
+    state = read_state(runtime_dir)
+    report, needs_recovery = state_report(state, runtime_dir)
+    if needs_recovery:
+        return None, True
+    if state and report.get("action") == "reported":
+        acknowledge(runtime_dir, state)
+    return report, False
+
+
+def emit(report: dict, *, as_json: bool, started: float) -> None:
+    report.setdefault("elapsed_ms", round((time.monotonic() - started) * 1000, 1))
+    out = json.dumps(report, indent=2) if as_json else render(report)
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    import argparse  # after the clock starts: it is part of what we measure
+
+    parser = argparse.ArgumentParser(prog="quiesce thaw", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config")
+    parser.add_argument("--json", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    cfg = config_path(args.config)
+    runtime_dir = runtime_dir_of(cfg)
+    try:
+        report, needs_recovery = thaw_via_holder(runtime_dir)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"quiesce thaw: cannot reach the holder in {runtime_dir}: {e}\n")
+        needs_recovery = True
+        report = None
+    if needs_recovery:
+        # The full CLI loads the adapters and releases what the server keeps by itself.
+        cmd = [sys.executable, "-B", "-m", "quiesce", "--config", cfg, "thaw"]
+        cmd += ["--json"] if args.json else []
+        os.execv(sys.executable, cmd + rest)
+    emit(report, as_json=args.json, started=started)
+    return report_exit_code(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
