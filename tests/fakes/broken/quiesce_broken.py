@@ -1,0 +1,1 @@
+raise ImportError("quiesce_broken needs a module that is not installed")

@@ -1,0 +1,1 @@
+"""Claims the kind 'sqlite', which the bundled adapter already owns."""

@@ -1,0 +1,102 @@
+"""Config loading: every mistake gets one clear message naming file, target and key."""
+
+import os
+
+import pytest
+
+from quiesce import ConfigError, Target
+from quiesce.config import load, parse
+from quiesce.plugins import load_adapters
+
+from .helpers import make_sqlite, run, write_config
+
+
+@pytest.fixture
+def adapters():
+    return load_adapters(load_entrypoints=False)
+
+
+def test_valid_config_loads_with_defaults_and_overrides(tmp_path, adapters):
+    db = make_sqlite(tmp_path / "app.db")
+    path = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db), "timeout": 3}},
+                        max_hold=30)
+    config = load(str(path), adapters)
+    [target] = config.targets
+    assert (target.name, target.kind, target.timeout, target.max_hold) == ("app", "sqlite", 3.0, 30.0)
+    assert config.runtime_dir == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("max_hold = [", "not valid TOML"),
+    ("[targets.a]\nkind = 'nosuchdb'\n", "unknown kind 'nosuchdb'; known kinds: "),
+    ("[targets.a]\npath = '/x.db'\n", "targets.a.kind: missing required key 'kind'"),
+    ("[targets.a]\nkind = 'sqlite'\n", "targets.a.path: missing required key 'path'"),
+    ("[targets.a]\nkind = 'sqlite'\npath = '/x.db'\npaht = 1\n", "targets.a.paht: unknown key 'paht'"),
+    ("[targets.a]\nkind = 'sqlite'\npath = 'rel.db'\n", "targets.a.path: must be an absolute path"),
+    ("[targets.a]\nkind = 'sqlite'\npath = 5\n", "targets.a.path: expected str, got 5"),
+    ("max_hold = -1\n[targets.a]\nkind = 'sqlite'\npath = '/x.db'\n", "max_hold: expected a number"),
+    ("colour = 'red'\n[targets.a]\nkind = 'sqlite'\npath = '/x.db'\n", "colour: unknown key"),
+    ("max_hold = 10\n", "no targets configured"),
+    ("[targets.'a b']\nkind = 'sqlite'\n", "targets.a b: a target name may hold"),
+])
+def test_config_errors_name_file_target_and_key(tmp_path, adapters, text, expected):
+    path = tmp_path / "q.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        load(str(path), adapters)
+    assert str(info.value).startswith(f"{path}: ")
+    assert expected in str(info.value)
+
+
+def test_world_readable_config_is_refused_with_the_fix(tmp_path, adapters):
+    path = write_config(tmp_path, {"app": {"kind": "sqlite", "path": "/x.db"}})
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=rf"mode 0644 .* run: chmod 600 {path}"):
+        load(str(path), adapters)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another user")
+def test_config_owned_by_another_user_is_refused(tmp_path, adapters):
+    path = write_config(tmp_path, {"app": {"kind": "sqlite", "path": "/x.db"}})
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError, match="owned by uid 65534"):
+        load(str(path), adapters)
+
+
+def test_secret_file_must_be_private(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    target = Target("db", "redis", {"password_file": str(secret)}, config_file="/etc/q.toml")
+    secret.chmod(0o640)
+    with pytest.raises(ConfigError, match=r"/etc/q.toml: targets.db.password_file: refusing "
+                                          r"password_file file .* mode 0640"):
+        target.secret("password_file")
+    secret.chmod(0o600)
+    assert target.secret("password_file") == "s3cret"
+
+
+def test_missing_secret_file_is_named(tmp_path):
+    target = Target("db", "redis", {"password_file": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="password_file file .*nope does not exist"):
+        target.secret("password_file")
+
+
+def test_cli_reports_config_errors_in_one_line_with_exit_2(tmp_path):
+    path = write_config(tmp_path, {"app": {"kind": "sqlite"}})
+    proc = run(path, "check")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"quiesce: error: {path}: targets.app.path: missing required key 'path' for kind 'sqlite'"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_a_missing_config_file(tmp_path):
+    proc = run(tmp_path / "absent.toml", "check")
+    assert proc.returncode == 2
+    assert "config file" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_parse_keeps_target_order(tmp_path):
+    text = "".join(f"[targets.t{i}]\nkind = 'sqlite'\n" for i in (3, 1, 2))
+    assert [t.name for t in parse("q.toml", text).targets] == ["t3", "t1", "t2"]

@@ -1,0 +1,195 @@
+"""freeze / thaw / status through the real CLI, with the detached holder."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .helpers import (QUIESCE, env_with, make_sqlite, records, run, sqlite_writable,
+                      wait_until, write_config)
+
+
+def recorder(tmp_path, **settings):
+    return {"kind": "recorder", "record": str(tmp_path / "calls"), **settings}
+
+
+@pytest.fixture
+def sqlite_config(tmp_path):
+    db = make_sqlite(tmp_path / "app.db")
+    return db, write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)}}, max_hold=30)
+
+
+@pytest.fixture(autouse=True)
+def no_holder_left(tmp_path):
+    """Whatever a test does, release anything still held when it ends."""
+    yield
+    for config in tmp_path.glob("quiesce.toml"):
+        run(config, "thaw", fakes=("recorder",))
+
+
+def test_freeze_holds_sqlite_until_thaw(sqlite_config):
+    db, config = sqlite_config
+    proc = run(config, "freeze", "--json", check_json=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.report["ok"] and proc.report["action"] == "frozen"
+    assert [(o["phase"], o["status"]) for o in proc.report["outcomes"]] == [
+        ("check", "ok"), ("flush", "ok"), ("quiesce", "ok")]
+    assert not sqlite_writable(db), "a writer committed while the target was held"
+    status = run(config, "status", "--json", check_json=True)
+    assert status.report["held"] and status.report["state"]["alive"]
+    proc = run(config, "thaw", "--json", check_json=True)
+    assert proc.returncode == 0, proc.stdout
+    assert [(o["target"], o["phase"], o["status"]) for o in proc.report["outcomes"]] == [
+        ("app", "thaw", "ok")]
+    assert sqlite_writable(db)
+    assert not run(config, "status", "--json", check_json=True).report["held"]
+
+
+def test_hook_order_for_n_targets_and_reverse_thaw(tmp_path):
+    names = ["t1", "t2", "t3", "t4"]
+    config = write_config(tmp_path, {n: recorder(tmp_path) for n in names})
+    assert run(config, "freeze", fakes=("recorder",)).returncode == 0
+    assert run(config, "thaw", fakes=("recorder",)).returncode == 0
+    calls = records(tmp_path / "calls")
+    phases = [c.split()[0] for c in calls]
+    # every check before any flush before any quiesce (targets run concurrently in a phase)
+    assert phases == ["check"] * 4 + ["flush"] * 4 + ["quiesce"] * 4 + ["thaw-without-session"] * 4
+    assert [c.split()[1] for c in calls[-4:]] == names[::-1]
+
+
+def test_failed_quiesce_releases_the_others_and_names_the_target(tmp_path):
+    db = make_sqlite(tmp_path / "app.db")
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)},
+                                     "b": recorder(tmp_path, fail="quiesce", sleep={"quiesce": 0.3})})
+    proc = run(config, "freeze", "--json", fakes=("recorder",), check_json=True)
+    assert proc.returncode == 1
+    report = proc.report
+    assert not report["ok"] and "b (quiesce)" in report["message"]
+    failed = [o for o in report["outcomes"] if o["status"] != "ok"]
+    assert failed == [dict(failed[0], target="b", phase="quiesce", status="failed",
+                           error="b was told to fail in quiesce")]
+    assert ("app", "thaw", "ok") in [(o["target"], o["phase"], o["status"]) for o in report["outcomes"]]
+    assert sqlite_writable(db)
+    # the failure was reported by freeze; the post-script's thaw finds nothing held
+    thaw = run(config, "thaw", fakes=("recorder",))
+    assert thaw.returncode == 0 and "nothing to thaw" in thaw.stdout
+
+
+def test_failed_check_quiesces_nothing(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path), "b": recorder(tmp_path, fail="check")})
+    proc = run(config, "freeze", fakes=("recorder",))
+    assert proc.returncode == 1
+    assert "b (check)" in proc.stdout
+    assert [c for c in records(tmp_path / "calls") if not c.startswith("check")] == []
+
+
+def test_watchdog_releases_when_no_thaw_comes_and_thaw_reports_it(tmp_path):
+    db = make_sqlite(tmp_path / "app.db")
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)}}, max_hold=1.5)
+    assert run(config, "freeze").returncode == 0
+    assert not sqlite_writable(db)
+    assert wait_until(lambda: sqlite_writable(db), timeout=5), "the watchdog did not release"
+    proc = run(config, "thaw", "--json", check_json=True)
+    assert proc.returncode == 1
+    [outcome] = proc.report["outcomes"]
+    assert outcome["target"] == "app" and outcome["status"] == "broken"
+    assert "watchdog" in outcome["error"] and "max_hold (1.5 s)" in outcome["error"]
+    again = run(config, "thaw")
+    assert again.returncode == 0 and "already released (watchdog)" in again.stdout
+
+
+def test_holder_killed_mid_hold_frees_sqlite_and_thaw_reports_broken_hold(sqlite_config):
+    db, config = sqlite_config
+    proc = run(config, "freeze", "--json", check_json=True)
+    assert proc.returncode == 0
+    os.kill(proc.report["holder_pid"], signal.SIGKILL)
+    assert wait_until(lambda: sqlite_writable(db), timeout=5)
+    thaw = run(config, "thaw", "--json", check_json=True)
+    assert thaw.returncode == 1
+    [outcome] = thaw.report["outcomes"]
+    assert outcome["status"] == "broken" and "died before thaw" in outcome["error"]
+    assert thaw.report["action"] == "recovered"
+
+
+def test_server_kept_hold_survives_holder_death_and_is_released_by_recovery(tmp_path):
+    config = write_config(tmp_path, {"cache": recorder(tmp_path)})
+    proc = run(config, "freeze", "--json", fakes=("recorder",), check_json=True)
+    os.kill(proc.report["holder_pid"], signal.SIGKILL)
+    time.sleep(0.2)
+    thaw = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
+    # the fake's hold is server-kept: recovery releases it and the hold is intact
+    assert thaw.returncode == 0, thaw.stdout
+    assert records(tmp_path / "calls")[-1] == "thaw-without-session cache"
+
+
+def test_freeze_killed_before_ready_leaves_nothing_locked(tmp_path):
+    db = make_sqlite(tmp_path / "app.db")
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)},
+                                     "slow": recorder(tmp_path, sleep={"quiesce": 2})})
+    freeze = subprocess.Popen(QUIESCE + ["--config", str(config), "freeze"], env=env_with("recorder"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_until(lambda: not sqlite_writable(db), timeout=10), "sqlite was never locked"
+    freeze.kill()
+    freeze.wait()
+    assert wait_until(lambda: sqlite_writable(db), timeout=10), "sqlite stayed locked"
+    thaw = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
+    assert thaw.returncode == 1
+    assert {o["status"] for o in thaw.report["outcomes"]} == {"broken"}
+    assert "died before it reported ready" in thaw.report["message"]
+
+
+def test_thaw_twice_and_thaw_with_no_freeze(sqlite_config):
+    _, config = sqlite_config
+    first = run(config, "thaw")
+    assert first.returncode == 0 and "nothing to thaw: no freeze is recorded" in first.stdout
+    assert run(config, "freeze").returncode == 0
+    assert run(config, "thaw").returncode == 0
+    second = run(config, "thaw")
+    assert second.returncode == 0 and "already released (thaw)" in second.stdout
+
+
+def test_second_freeze_while_held_is_refused(sqlite_config):
+    db, config = sqlite_config
+    first = run(config, "freeze", "--json", check_json=True)
+    second = run(config, "freeze")
+    assert second.returncode == 3
+    assert f"holder pid {first.report['holder_pid']}" in second.stderr
+    assert "run `quiesce thaw` first" in second.stderr
+    assert not sqlite_writable(db), "the refused freeze must not disturb the first hold"
+
+
+def test_broken_hold_at_thaw_exits_nonzero_naming_the_target(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path), "b": recorder(tmp_path, broken=True)})
+    assert run(config, "freeze", fakes=("recorder",)).returncode == 0
+    proc = run(config, "thaw", fakes=("recorder",))
+    assert proc.returncode == 1
+    assert "BROKEN" in proc.stdout and "b lost its lock" in proc.stdout
+    assert records(tmp_path / "calls")[-2:] == ["thaw-without-session b", "thaw-without-session a"]
+
+
+def test_lean_thaw_runs_without_site_packages_and_writes_no_disk_file(sqlite_config, tmp_path):
+    db, config = sqlite_config
+    assert run(config, "freeze").returncode == 0
+    import quiesce.thaw, sys
+    log = tmp_path / "log" / "quiesce.log"
+    size_before = log.stat().st_size
+    proc = subprocess.run([sys.executable, "-I", "-S", "-B", quiesce.thaw.__file__,
+                           "--config", str(config), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["outcomes"][0]["status"] == "ok" and sqlite_writable(db)
+    # the holder wrote its buffered log only after it released (it exits right after)
+    assert wait_until(lambda: log.stat().st_size > size_before, timeout=5)
+    assert "released by thaw" in log.read_text()
+
+
+def test_control_socket_and_runtime_dir_are_private(sqlite_config, tmp_path):
+    _, config = sqlite_config
+    assert run(config, "freeze").returncode == 0
+    run_dir = tmp_path / "run"
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    assert (run_dir / "holder.sock").stat().st_mode & 0o777 == 0o600
+    assert (run_dir / "state.json").stat().st_mode & 0o777 == 0o600
