@@ -193,3 +193,198 @@ def status(obj: Context, as_json: bool) -> None:
 
 def main() -> None:
     cli(prog_name="quiesce")
+
+
+# -- snapshot hosts -----------------------------------------------------------------------
+
+host_argument = click.argument("host", default="azure", metavar="HOST")
+root_option = click.option("--root", default="/", show_default=True, metavar="DIR",
+                           help="Treat DIR as / for the host's files (staging and tests).")
+
+
+def _host(name: str, root: str):
+    from .hosts import get_host
+    return get_host(name, root)
+
+
+@cli.command()
+@host_argument
+@root_option
+@click.option("--log-dir", default="/var/log/quiesce", show_default=True,
+              help="Where the generated scripts write their output.")
+@click.option("--force", is_flag=True, help="Replace files quiesce did not write (backed up first).")
+@json_option
+@click.pass_obj
+@command
+def install(obj: Context, host: str, root: str, log_dir: str, force: bool, as_json: bool) -> None:
+    """Write the snapshot host's config and scripts for this machine's config.
+
+    \b
+    For azure: /etc/azure/VMSnapshotScriptPluginConfig.json (0600) and a pre- and
+    post-script (0700) that run `quiesce freeze` / `quiesce thaw` with --config.
+    Files quiesce did not write are never replaced without --force.
+    """
+    from .install import Installer, settings_for
+    started = time.monotonic()
+    target_host = _host(host, root)
+    actions = Installer(target_host).install(settings_for(obj.config, log_dir=log_dir), force=force)
+    warnings = target_host.conflicts()
+    message = "\n".join(actions + [f"WARNING: {w}" for w in warnings])
+    emit({"ok": not warnings, "action": "install", "message": message, "outcomes": []},
+         as_json, started)
+
+
+@cli.command()
+@host_argument
+@root_option
+@click.option("--force", is_flag=True, help="Remove files even if they changed since install.")
+@json_option
+@click.pass_obj
+@command
+def uninstall(obj: Context, host: str, root: str, force: bool, as_json: bool) -> None:
+    """Remove what `quiesce install` wrote, restoring any file it had backed up."""
+    from .install import Installer
+    started = time.monotonic()
+    actions = Installer(_host(host, root)).uninstall(force=force)
+    emit({"ok": True, "action": "uninstall", "message": "\n".join(actions), "outcomes": []},
+         as_json, started)
+
+
+@cli.command()
+@host_argument
+@root_option
+@json_option
+@click.pass_obj
+@command
+def doctor(obj: Context, host: str, root: str, as_json: bool) -> None:
+    """Predict what the host will report for the next backup, and why.
+
+    Validates the installed files in the host's own order and prints the host's code for
+    the first failure, then checks the scripts, interpreter, config and every target.
+    Exit 0 only when the next backup would be application-consistent.
+    """
+    from .install import Installer, doctor_checks
+    from .phases import run_phase
+    started = time.monotonic()
+    target_host = _host(host, root)
+    verdict = target_host.validate()
+    config, config_error, outcomes = None, None, None
+    try:
+        config = obj.config
+        outcomes = [o.as_dict() for o, _ in run_phase(obj.adapters, "check", config.targets)]
+    except QuiesceError as e:
+        config_error = str(e)
+    findings = [{"check": f"{host} host validation", "ok": verdict.ok, "warning": False,
+                 "message": f"{verdict.code} {verdict.name}: {verdict.message}"}]
+    findings += [{"check": "no conflicting host setup", "ok": False, "warning": False,
+                  "message": c} for c in target_host.conflicts()]
+    findings += doctor_checks(target_host, Installer(target_host), config, config_error, outcomes)
+    ok = all(f["ok"] for f in findings)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "host_code": verdict.code, "host_name": verdict.name,
+                               "findings": findings}, indent=2))
+    else:
+        for f in findings:
+            mark = "ok  " if f["ok"] and not f["warning"] else ("warn" if f["ok"] else "FAIL")
+            click.echo(f"{mark}  {f['check']}: {f['message']}")
+        click.echo("the next backup would be application-consistent" if ok else
+                   "the next backup would NOT be application-consistent (see FAIL above)")
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@host_argument
+@root_option
+@click.option("--freeze", "freeze_mounts", multiple=True, metavar="MOUNT",
+              help="Freeze this mount point around the snapshot (repeatable). Never / unless "
+                   "--allow-root-freeze.")
+@click.option("--allow-root-freeze", is_flag=True, help="Allow freezing / (dangerous).")
+@click.option("--freeze-deadline", default=60.0, show_default=True, metavar="SECONDS",
+              help="An independent process thaws after this long, as the host's safefreeze does.")
+@click.option("--snapshot-command", metavar="CMD", help="Snapshot by running CMD with /bin/sh.")
+@click.option("--copy", "copies", multiple=True, nargs=2, metavar="SRC DEST",
+              help="Snapshot by copying SRC to DEST (sparse; repeatable).")
+@click.option("--wait", "wait_seconds", default=None, type=float, metavar="SECONDS",
+              help="Snapshot by waiting (the default: 1 s).")
+@json_option
+@click.pass_obj
+@command
+def rehearse(obj: Context, host: str, root: str, freeze_mounts, allow_root_freeze: bool,
+             freeze_deadline: float, snapshot_command, copies, wait_seconds, as_json: bool) -> None:
+    """Play the snapshot host's part and report what it would report.
+
+    Validates the installed files as the host does, runs the pre-script the way the host
+    runs it, freezes the named mounts, takes the snapshot step, thaws, runs the
+    post-script, and prints a timeline and the host's result code. Exit 0 only for an
+    application-consistent result.
+    """
+    from .snapshot import SnapshotStep
+    if sum(bool(x) for x in (snapshot_command, copies, wait_seconds is not None)) > 1:
+        raise click.UsageError("choose one of --snapshot-command, --copy and --wait")
+    step = SnapshotStep(command=snapshot_command, copies=list(copies),
+                        wait=wait_seconds if wait_seconds is not None else (0 if snapshot_command
+                                                                           or copies else 1.0))
+    printer = None if as_json else (lambda t, text: click.echo(f"{t:+9.3f}s  {text}"))
+    report = _host(host, root).rehearse(snapshot=step, freeze_mounts=list(freeze_mounts),
+                                        allow_root_freeze=allow_root_freeze,
+                                        freeze_deadline=freeze_deadline, on_event=printer)
+    report["holds"] = _holds(obj.config_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for hold in report["holds"]:
+            click.echo(f"held: {hold['target']} ({hold['kind']}) {hold['seconds']:.3f} s, "
+                       f"released by {hold['released_by']}: {hold['status']}")
+        if report.get("note"):
+            click.echo(f"note: {report['note']}")
+        health = f" (health {report['health_code']} {report['health_name']})" \
+            if report.get("health_code") else ""
+        click.echo(f"host result: {report['code']} {report['consistency']}-consistent{health}")
+    sys.exit(0 if report["code"] == 0 else 1)
+
+
+def _holds(config_path: str) -> list[dict]:
+    """How long each target was held, from the holder's record."""
+    state = lean.read_state(lean.runtime_dir_of(config_path)) or {}
+    if not state.get("held_since") or not state.get("released_at"):
+        return []
+    seconds = state["released_at"] - state["held_since"]
+    statuses = {o["target"]: o["status"] for o in state.get("outcomes", ())}
+    return [{"target": t["name"], "kind": t["kind"], "seconds": round(seconds, 4),
+             "released_by": state.get("released_by"), "status": statuses.get(t["name"], t["status"])}
+            for t in state.get("targets", ())]
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("snapshot_command", nargs=-1, required=True, type=click.UNPROCESSED)
+@json_option
+@click.pass_obj
+@command
+def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> None:
+    """Freeze, run a snapshot command, thaw: for self-managed snapshots.
+
+    \b
+    Example:  quiesce exec -- lvcreate -s -n snap -L 1G vg/data
+    The command runs only once every target is held; thaw runs however it ends. Exits
+    with the command's status if it failed, else 1 if a hold broke, else 0.
+    """
+    import subprocess
+    from .holder import start
+    started = time.monotonic()
+    freeze_report = start(obj.config, obj.adapters)
+    if not freeze_report["ok"]:
+        emit(freeze_report, as_json, started)
+    try:
+        proc = subprocess.run(list(snapshot_command), stdin=subprocess.DEVNULL)
+        command_status = proc.returncode
+    except OSError as e:
+        click.echo(f"quiesce: error: cannot run {snapshot_command[0]}: {e}", err=True)
+        command_status = 127
+    finally:
+        report, needs_recovery = lean.thaw_via_holder(obj.config.runtime_dir)
+        if needs_recovery:
+            from .holder import recover
+            report = recover(obj.config, obj.adapters)
+    report["command_status"] = command_status
+    lean.emit(report, as_json=as_json, started=started)
+    sys.exit(command_status or lean.report_exit_code(report))

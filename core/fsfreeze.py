@@ -7,7 +7,7 @@ and a frozen ``/`` stops the whole machine. So every freeze here is bounded twic
 * ``freeze()`` thaws in a ``finally`` when its ``with`` block ends, however it ends;
 * before freezing anything it starts an independent watchdog process (its own session,
   stdio on /dev/null) that thaws every mount it was told about when the deadline passes,
-  when its parent dies (its control pipe reaches EOF without a "done"), or when it is
+  when its parent dies (its control socket reaches EOF without a "done"), or when it is
   sent SIGTERM/SIGINT/SIGHUP. It never opens a file on disk: it reports on a pipe.
 
 How: the FIFREEZE/FITHAW ioctls on an O_RDONLY descriptor of the mount directory, not
@@ -48,7 +48,7 @@ FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 
 # How long the watchdog may take to start and report ready; it is a bare interpreter
-# (-I -S -B) importing five built-in modules, normally ~15 ms.
+# (-I -S -B) importing a few standard modules, normally 15-20 ms.
 _WATCHDOG_START_TIMEOUT = 10.0
 # How long to wait for the watchdog to exit after "done" before killing it (it has
 # nothing left to do by then; waiting longer only delays the caller).
@@ -84,7 +84,9 @@ class FrozenMounts:
 
     @property
     def thawed_by_watchdog(self) -> bool:
-        """True when the freeze did not last until our own thaw (deadline passed)."""
+        """True when the freeze did not last until our own thaw: the watchdog (deadline
+        passed, parent stuck, watchdog signalled) or someone else thawed first, so a
+        snapshot taken late in the with block was not covered by the freeze."""
         return bool(self.thawed_early or self.watchdog_thawed)
 
     @property
@@ -145,7 +147,9 @@ def _resolve_mountpoint(path: str | os.PathLike[str], mounts: list[_Mount]) -> _
     raw = os.fspath(path)
     real = os.path.realpath(raw)
     if not os.path.isdir(real):
-        raise FreezeError(f"{raw}: no such directory; give the mount point of a mounted filesystem")
+        raise FreezeError(
+            f"{raw}: no such directory; give the mount point of a mounted filesystem"
+        )
     listed = [m for m in mounts if m.mountpoint == real]
     if not listed:
         owner = _mount_containing(real, mounts)
@@ -187,10 +191,10 @@ def _validate(mountpoints: Iterable[str | os.PathLike[str]], allow_root: bool) -
         if m.dev in protected:
             what, where = protected[m.dev]
             raise FreezeError(
-                f"refusing to freeze {m.mountpoint}: it is the filesystem that holds {what} ({where}), "
-                "so freezing it could stop this process or the whole machine until something "
-                "else thaws it. Pass allow_root=True only if nothing here writes to it "
-                "while it is frozen."
+                f"refusing to freeze {m.mountpoint}: it is the filesystem that holds "
+                f"{what} ({where}), so freezing it could stop this process or the whole "
+                "machine until something else thaws it. Pass allow_root=True only if "
+                "nothing here writes to it while it is frozen."
             )
         for other in chosen:
             if other.dev == m.dev:
@@ -252,7 +256,9 @@ def thaw(mountpoint: str | os.PathLike[str]) -> bool:
         if e.errno == errno.EINVAL:
             return False
         if e.errno == errno.EPERM:
-            raise FreezeError(f"cannot thaw {m.mountpoint}: thawing needs root (CAP_SYS_ADMIN)") from e
+            raise FreezeError(
+                f"cannot thaw {m.mountpoint}: thawing needs root (CAP_SYS_ADMIN)"
+            ) from e
         raise FreezeError(f"cannot thaw {m.mountpoint}: {e.strerror}") from e
     finally:
         os.close(fd)
@@ -287,12 +293,6 @@ os.set_blocking(sig_w, False)
 signal.set_wakeup_fd(sig_w)
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(s, lambda signum, frame: None)
-try:
-    with open("/proc/self/oom_score_adj", "w") as f:  # procfs, not disk
-        f.write("-1000")
-except OSError:
-    pass
-
 fds = []
 for k, p in enumerate(paths):
     try:
@@ -497,6 +497,8 @@ def freeze(
             and deadline_seconds > 0):
         raise FreezeError(f"deadline_seconds must be a positive number, not {deadline_seconds!r}")
     mounts = _validate(mountpoints, allow_root)
+    if not sys.executable:
+        raise FreezeError("cannot start the freeze watchdog: sys.executable is unknown here")
     fds: list[int] = []
     watchdog: _Watchdog | None = None
     frozen: list[int] = []
@@ -523,7 +525,10 @@ def freeze(
                 try:
                     _fifreeze(fds[k])
                 except OSError as e:
-                    watchdog.send(f"-{k}")  # not our freeze: the watchdog must not thaw it
+                    # Not our freeze (EBUSY: someone else's): the watchdog must not thaw
+                    # it. Were we killed right here it would; that window is microseconds.
+                    with contextlib.suppress(FreezeError):
+                        watchdog.send(f"-{k}")
                     raise _freeze_error(mp, e) from None
                 frozen.append(k)
                 watchdog.send(f"={k}")
@@ -538,17 +543,19 @@ def freeze(
                     if e.errno == errno.EINVAL:
                         early.append(mounts[k])  # the watchdog (or someone) thawed first
                     else:
-                        failures.append(f"{mounts[k]}: {e.strerror}")
+                        failures.append((k, e.strerror))
             record.thawed_at, record.thawed_at_wall = time.monotonic(), time.time()
             record.thawed_early = tuple(early)
-            # With a failed thaw, closing the pipe without "done" makes the watchdog try too.
+            # After a failed thaw, stopping without "done" makes the watchdog try too.
             watchdog.stop(done=not failures)
             record.watchdog_thawed = tuple(mounts[k] for k in watchdog.thawed)
             if failures:
-                raise FreezeError(
-                    "cannot thaw " + "; ".join(failures)
-                    + ". Thaw by hand with: fsfreeze -u MOUNTPOINT"
-                )
+                raise FreezeError("; ".join(
+                    f"cannot thaw {mounts[k]}: {why}; "
+                    + ("the watchdog thawed it" if k in watchdog.thawed
+                       else f"it may still be frozen: run fsfreeze -u {mounts[k]}")
+                    for k, why in failures
+                ))
     finally:
         if watchdog is not None:
             watchdog.stop(done=not frozen)  # no-op when already stopped above

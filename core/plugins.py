@@ -23,8 +23,8 @@ DEFAULT_ADAPTERS = {
     "sqlite": "quiesce.adapters.sqlite",
     # "postgresql": "quiesce.adapters.postgresql",
     # "mysql": "quiesce.adapters.mysql",
-    # "mongodb": "quiesce.adapters.mongodb",
-    # "redis": "quiesce.adapters.redis",
+    "mongodb": "quiesce.adapters.mongodb",
+    "redis": "quiesce.adapters.redis",
 }
 HOOKS = ("validate", "check", "flush", "quiesce", "thaw")
 #: Set to 1 to load no third-party adapter at all.

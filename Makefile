@@ -1,0 +1,43 @@
+# quiesce: `make demo` shows a whole backup cycle on SQLite; `make test` runs the suite.
+# Both create the virtual environment first. `make test` also installs, as root, the
+# Debian packages whose servers the tests start (PostgreSQL, MariaDB, Redis, fs tools).
+
+PYTHON ?= /usr/bin/python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEBIAN_PACKAGES := python3-venv postgresql mariadb-server redis-server sqlite3 \
+                   util-linux dash xfsprogs btrfs-progs psmisc
+# A binary from each package, to skip apt-get when everything is already there.
+NEEDED_BINARIES := /usr/lib/postgresql/15/bin/postgres /usr/sbin/mariadbd \
+                   /usr/bin/redis-server /usr/bin/sqlite3 /usr/sbin/fsfreeze /usr/bin/dash \
+                   /usr/sbin/mkfs.xfs /usr/bin/mkfs.btrfs /usr/bin/fuser
+
+.PHONY: test demo bench deps venv clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+deps:
+	@missing=""; for b in $(NEEDED_BINARIES); do test -x $$b || missing="$$missing $$b"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "note: missing$$missing; tests that need them will be skipped" >&2; exit 0; fi; \
+	echo "installing Debian packages for the test servers:$$missing"; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBIAN_PACKAGES)
+
+test: deps venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/python -m quiesce.demo
+
+bench: deps venv
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
