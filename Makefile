@@ -34,7 +34,7 @@ test: deps venv
 	$(BIN)/python -m pytest -q
 
 demo: venv
-	$(BIN)/python -m quiesce.demo
+	$(BIN)/python demo/run.py
 
 bench: deps venv
 	$(BIN)/python benchmarks/run.py

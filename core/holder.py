@@ -321,19 +321,24 @@ def start(config: Config, adapters: Adapters, on_progress=None) -> dict[str, Any
     deadline = time.monotonic() + limit
     outcomes: list[dict[str, Any]] = []
     final = None
-    with os.fdopen(report_r, "rb") as reports:
-        while final is None:
-            readable, _, _ = select.select([reports], [], [], max(0.0, deadline - time.monotonic()))
-            line = reports.readline() if readable else b""
-            if not line:
-                break
+    pending = b""
+    while final is None:
+        # Raw reads, not a buffered readline: select() cannot see lines already buffered.
+        readable, _, _ = select.select([report_r], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(report_r, 65536) if readable else b""
+        if not chunk:
+            break  # the holder died, or stalled past every bound
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
             message = json.loads(line)
             if message["type"] == "progress":
                 outcomes += message["outcomes"]
                 if on_progress:
                     on_progress(message["outcomes"])
-            else:
+            elif final is None:
                 final = message
+    os.close(report_r)
     if final and final["type"] == "ready":
         os.write(ack_w, b"ack\n")
     os.close(ack_w)
