@@ -69,11 +69,13 @@ def flush(target: Target) -> dict | None:
     try:
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             return None
-        busy, wal_frames, checkpointed = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        wal = target.settings["path"] + "-wal"
+        wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         # busy=1 means a reader or writer kept it from finishing: harmless, the WAL is
         # captured with the database, it only makes recovery read more.
-        return {"wal_checkpoint": "complete" if not busy else "partial",
-                "wal_frames": wal_frames, "checkpointed": checkpointed}
+        return {"wal_checkpoint": "partial" if busy else "complete",
+                "wal_bytes_before": wal_bytes}
     except sqlite3.Error as e:
         raise TargetError(f"WAL checkpoint of {target.settings['path']} failed: {e}") from e
     finally:

@@ -1,0 +1,106 @@
+"""The SQLite adapter against real database files and a concurrent writer process."""
+
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from quiesce import Hold, HoldBroken, Target, TargetError
+from quiesce.plugins import load_adapters
+
+from .helpers import make_sqlite, sqlite_writable
+
+WRITER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    conn.execute("INSERT INTO t (v) VALUES (?)", (repr(time.time()),))
+    print(time.time(), flush=True)
+    time.sleep(0.005)
+"""
+
+
+@pytest.fixture
+def adapters():
+    return load_adapters(load_entrypoints=False)
+
+
+def target(path, **settings):
+    t = Target("app", "sqlite", {"path": str(path), **settings}, timeout=2)
+    load_adapters(load_entrypoints=False).call("validate", t)
+    return t
+
+
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+def test_concurrent_writer_is_held_back_then_resumes(tmp_path, adapters, journal_mode):
+    db = make_sqlite(tmp_path / "app.db", journal_mode)
+    t = target(db)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), "3"], stdout=subprocess.PIPE,
+                              text=True)
+    time.sleep(0.5)
+    assert adapters.call("flush", t) is None or journal_mode == "wal"
+    hold = adapters.call("quiesce", t)
+    held_from = time.time()
+    count_at_hold = sqlite3.connect(db).execute("SELECT count(*) FROM t").fetchone()[0]
+    time.sleep(1.0)
+    count_during = sqlite3.connect(db).execute("SELECT count(*) FROM t").fetchone()[0]
+    held_until = time.time()
+    adapters.call("thaw", t, hold=hold)
+    commits = [float(line) for line in writer.communicate(timeout=30)[0].split()]
+    assert count_during == count_at_hold, "rows were committed while the write lock was held"
+    assert not [c for c in commits if held_from + 0.05 < c < held_until], "a commit returned mid-hold"
+    assert [c for c in commits if c > held_until], "the writer did not resume after thaw"
+
+
+def test_wal_checkpoint_empties_the_wal(tmp_path, adapters):
+    db = make_sqlite(tmp_path / "app.db", "wal")
+    conn = sqlite3.connect(db)
+    conn.executemany("INSERT INTO t (v) VALUES (?)", [("x" * 100,)] * 500)
+    conn.commit()
+    facts = adapters.call("flush", target(db))
+    assert facts["wal_checkpoint"] == "complete" and facts["wal_bytes_before"] > 0
+    assert (tmp_path / "app.db-wal").stat().st_size == 0
+    conn.close()
+
+
+def test_lock_that_cannot_be_had_fails_fast_and_leaves_nothing(tmp_path, adapters):
+    db = make_sqlite(tmp_path / "app.db")
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a writer in the middle of a long transaction
+    t = target(db, busy_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(TargetError, match=r"could not take the write lock .* within 0.3 s"):
+        adapters.call("quiesce", t)
+    assert time.monotonic() - started < 2
+    other.execute("ROLLBACK")
+    assert sqlite_writable(db), "the failed attempt left a lock behind"
+
+
+def test_check_reports_facts_and_takes_no_lock(tmp_path, adapters):
+    db = make_sqlite(tmp_path / "app.db")
+    facts = adapters.call("check", target(db))
+    assert facts == {"sqlite_version": sqlite3.sqlite_version, "journal_mode": "wal"}
+    assert sqlite_writable(db)
+
+
+def test_check_names_a_missing_or_non_database_file(tmp_path, adapters):
+    with pytest.raises(TargetError, match="does not exist; fix targets.app.path"):
+        adapters.call("check", target(tmp_path / "absent.db"))
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(TargetError, match="is not a usable SQLite database"):
+        adapters.call("check", target(junk))
+
+
+def test_thaw_is_idempotent_and_reports_a_lost_lock(tmp_path, adapters):
+    db = make_sqlite(tmp_path / "app.db")
+    t = target(db)
+    adapters.call("thaw", t, hold=Hold())  # nothing held: a no-op
+    hold = adapters.call("quiesce", t)
+    hold.session.execute("ROLLBACK")  # the transaction ended behind our back
+    with pytest.raises(HoldBroken, match="was not held at thaw"):
+        adapters.call("thaw", t, hold=hold)
+    assert sqlite_writable(db)
