@@ -214,7 +214,7 @@ class Holder:
             with conn:
                 try:
                     self._answer(conn)
-                except (OSError, ValueError) as e:
+                except Exception as e:  # one bad request must never stop the server
                     log.warning("control request failed: %s", e)
 
     def _answer(self, conn: socket.socket) -> None:
@@ -275,6 +275,8 @@ class Holder:
             return 0
         finally:
             self.freeze_done.set()
+            if self.cancel.is_set():  # a thaw client is waiting for its answer
+                self.answered.wait(timeout=ANSWER_GRACE)
             if self.report is None and self.holds:
                 self.release("holder-error", "the holder failed and released every target")
             memory.flush()  # the targets are released: the disk may be written now
