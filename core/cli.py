@@ -58,6 +58,9 @@ def command(fn):
 
 
 def emit(report: dict, as_json: bool, started: float) -> None:
+    import logging
+    logging.getLogger("quiesce.cli").info("%s: %s", report.get("action", "report"),
+                                          report.get("message", ""))
     lean.emit(report, as_json=as_json, started=started)
     sys.exit(lean.report_exit_code(report))
 
