@@ -149,15 +149,25 @@ def freeze(obj: Context, as_json: bool) -> None:
 
 @cli.command()
 @json_option
+@click.option("--orphaned", is_flag=True, hidden=True,
+              help="Run by the stand-in watchdog: act only if no holder is alive.")
 @click.pass_obj
 @command
-def thaw(obj: Context, as_json: bool) -> None:
+def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
     """Release every target in reverse order; report any hold that broke.
 
     Works with no holder alive (it crashed, was killed, or its watchdog fired): server-kept
     states are released from the record on tmpfs. A second thaw is a no-op that says so.
     """
     started = time.monotonic()
+    if orphaned:
+        from .errors import BusyError
+        from .holder import recover
+        try:
+            report = recover(obj.config, obj.adapters, orphaned=True)
+        except BusyError:
+            return  # the holder is alive: its own watchdog is in charge
+        emit(report, as_json, started)
     report, needs_recovery = lean.thaw_via_holder(lean.runtime_dir_of(obj.config_path))
     if needs_recovery:
         from .holder import recover

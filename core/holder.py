@@ -28,6 +28,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -45,6 +46,13 @@ log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 30.0      # how long the holder waits for freeze to acknowledge "ready"
 ANSWER_GRACE = 10.0     # how long it waits for a thaw reply to be sent before exiting
+SENTINEL_GRACE = 5.0    # how long after the deadline the stand-in watchdog acts
+
+# The stand-in watchdog: sleeps without importing anything, then runs an orphan thaw.
+_SENTINEL = ("import os, sys, time\n"
+             "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
+             "os.execv(sys.executable, [sys.executable, '-B', '-m', 'quiesce', '--config',"
+             " sys.argv[2], 'thaw', '--orphaned'])\n")
 
 
 def prepare_runtime_dir(path: str) -> None:
@@ -87,6 +95,7 @@ class Holder:
         self.released = threading.Event()
         self.answered = threading.Event()
         self.signalled: str | None = None
+        self.sentinel: subprocess.Popen | None = None
         self._release_lock = threading.Lock()
         self.report: dict[str, Any] | None = None
         self.state: dict[str, Any] = {
@@ -132,6 +141,7 @@ class Holder:
         self.state["held_since"] = time.time()
         self.state["deadline"] = self.state["held_since"] + self.config.max_hold
         self._save()
+        self.sentinel = _start_sentinel(self.config, self.state["deadline"])
         results = run_phase(self.adapters, "quiesce", targets)
         for target, (outcome, hold) in zip(targets, results):
             entry = self._target_state(target.name)
@@ -173,8 +183,7 @@ class Holder:
                 if reason and outcome.status == "ok":
                     outcome.status, outcome.error = "broken", reason
                 outcomes.append(outcome)
-                self._target_state(target.name)["status"] = (
-                    "released" if outcome.status == "ok" else outcome.status)
+                self._target_state(target.name)["status"] = _after_thaw(outcome)
             now = time.time()
             held_for = now - self.state["held_since"] if self.state["held_since"] else 0.0
             ok = not reason and all(o.ok for o in outcomes)
@@ -284,11 +293,36 @@ class Holder:
                 self.answered.wait(timeout=ANSWER_GRACE)
             if self.report is None and self.holds:
                 self.release("holder-error", "the holder failed and released every target")
+            if self.sentinel is not None:
+                self.sentinel.kill()  # we released everything: no stand-in needed
+                self.sentinel.wait()
             memory.flush()  # the targets are released: the disk may be written now
             try:
                 os.unlink(SOCKET_NAME)
             except OSError:
                 pass
+
+
+def _start_sentinel(config: Config, deadline: float) -> subprocess.Popen | None:
+    """A process that plays the watchdog if the holder dies holding server-kept states.
+
+    A MongoDB fsync lock has no server-side deadline: if the holder were killed and no
+    thaw came, the server would stay locked. The sentinel wakes shortly after the
+    deadline and, only if no holder is alive, releases what is recorded as held.
+    """
+    try:
+        return subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _SENTINEL,
+                                 str(deadline + SENTINEL_GRACE), config.path],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
+    except OSError as e:
+        log.warning("cannot start the stand-in watchdog: %s", e)
+        return None
+
+
+def _after_thaw(outcome: Outcome) -> str:
+    """A thaw that failed leaves the target recorded as held, so the next thaw retries it."""
+    return {"ok": "released", "broken": "broken"}.get(outcome.status, "held")
 
 
 def _redirect_stdio() -> None:
@@ -372,17 +406,22 @@ def start(config: Config, adapters: Adapters, on_progress=None) -> dict[str, Any
     return report
 
 
-def recover(config: Config, adapters: Adapters) -> dict[str, Any]:
+def recover(config: Config, adapters: Adapters, *, orphaned: bool = False) -> dict[str, Any]:
     """Thaw with no holder alive: release what the state file says is still held.
 
     The holder died (killed, crashed, machine trouble) with targets held. Session-bound
     holds ended with it at an unknown moment, so they are reported as broken; server-kept
     states (a Redis pause, a MongoDB fsync lock) are released here through their adapters.
+    With *orphaned* (the stand-in watchdog, after the deadline) the release is reported
+    as broken and left unacknowledged, so the operator's own thaw still reports it.
     """
     prepare_runtime_dir(config.runtime_dir)
     lock_fd = take_lock(config.runtime_dir)  # BusyError: a holder lives but did not answer
     try:
         state = read_state(config.runtime_dir)
+        if orphaned and (state is None or state.get("corrupt")):
+            return {"ok": True, "action": "nothing-held", "outcomes": [],
+                    "message": "stand-in watchdog: nothing recorded"}
         if state is None or state.get("corrupt"):
             # Nothing trustworthy is recorded: ask every adapter to release what it can.
             state = {"holder_pid": "?", "targets": [
@@ -401,17 +440,24 @@ def recover(config: Config, adapters: Adapters) -> dict[str, Any]:
                 continue
             outcome, _ = call(adapters, "thaw", target,
                               hold=Hold(session=None, facts=entry.get("facts") or {}))
-            if outcome.status == "ok" and (entry["session_bound"] or entry["status"] == "quiescing"):
+            if outcome.status == "ok" and orphaned:
+                outcome.status = "broken"
+                outcome.error = (f"the holder (pid {pid}) had died; a stand-in watchdog released "
+                                 f"it after max_hold ({config.max_hold:g} s), before thaw came")
+            elif outcome.status == "ok" and (entry["session_bound"] or entry["status"] == "quiescing"):
                 outcome.status = "broken"
                 outcome.error = (f"the holder (pid {pid}) died before thaw and its session "
                                  f"ended with it, at an unknown time")
-            entry["status"] = "released" if outcome.status == "ok" else outcome.status
+            entry["status"] = _after_thaw(outcome)
             outcomes.append(outcome)
         ok = all(o.ok for o in outcomes)
         message = (f"no holder was alive; released {len(outcomes)} target(s) recorded as held"
                    + ("" if ok else ": not every hold covered the window"))
-        state.update(phase="released", released_by="recovery", released_at=time.time(),
-                     acknowledged=True, message=message,
+        if orphaned and not outcomes:
+            return {"ok": True, "action": "nothing-held", "outcomes": [],
+                    "message": "stand-in watchdog: nothing was held"}
+        state.update(phase="released", released_by="watchdog" if orphaned else "recovery",
+                     released_at=time.time(), acknowledged=not orphaned, message=message,
                      outcomes=[o.as_dict() for o in outcomes])
         write_state(config.runtime_dir, state)
         return {"ok": ok, "action": "recovered", "message": message,

@@ -193,3 +193,32 @@ def test_control_socket_and_runtime_dir_are_private(sqlite_config, tmp_path):
     assert run_dir.stat().st_mode & 0o777 == 0o700
     assert (run_dir / "holder.sock").stat().st_mode & 0o777 == 0o600
     assert (run_dir / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_stand_in_watchdog_releases_server_kept_holds_when_the_holder_died(tmp_path):
+    config = write_config(tmp_path, {"cache": recorder(tmp_path)}, max_hold=1)
+    env = env_with("recorder")
+    proc = subprocess.run(QUIESCE + ["--config", str(config), "freeze", "--json"], env=env,
+                          capture_output=True, text=True)
+    os.kill(json.loads(proc.stdout)["holder_pid"], signal.SIGKILL)
+    # nothing but the sentinel is left to release it, at the deadline plus its grace
+    assert wait_until(lambda: "thaw-without-session cache" in records(tmp_path / "calls"),
+                      timeout=15), "the stand-in watchdog never released the target"
+    thaw = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
+    assert thaw.returncode == 1, "the operator's thaw must still report the broken hold"
+    [outcome] = thaw.report["outcomes"]
+    assert outcome["status"] == "broken" and "stand-in watchdog" in outcome["error"]
+    assert run(config, "thaw", fakes=("recorder",)).returncode == 0
+
+
+def test_a_failed_release_stays_recorded_and_the_next_thaw_retries_it(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path, fail="thaw-without-session")})
+    assert run(config, "freeze", fakes=("recorder",)).returncode == 0
+    first = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
+    assert first.returncode == 1 and first.report["outcomes"][0]["status"] == "failed"
+    status = run(config, "status", "--json", check_json=True)
+    assert status.report["held"], "a target whose release failed must still be recorded as held"
+    # the next thaw tries again (the fake still fails: the operator sees it again)
+    second = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
+    assert second.returncode == 1 and second.report["action"] == "recovered"
+    assert records(tmp_path / "calls").count("thaw-without-session a") == 2
