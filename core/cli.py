@@ -401,3 +401,35 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
     report["command_status"] = command_status
     lean.emit(report, as_json=as_json, started=started)
     sys.exit(command_status or lean.report_exit_code(report))
+
+
+@cli.command("restore-prepare")
+@click.argument("kind", type=click.Choice(["postgresql"]))
+@click.option("--datadir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The restored data directory (server not started).")
+@click.option("--label", "label_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The .backup_label file thaw wrote to label_dir.")
+@click.option("--tablespace-map", type=click.Path(exists=True, dir_okay=False),
+              help="The .tablespace_map file, if the backup has tablespaces.")
+@click.option("--wal-source", type=click.Path(exists=True, file_okay=False),
+              help="A WAL archive directory; adds recovery.signal and a restore_command.")
+@click.option("--stop-lsn", help="The backup's stop LSN, if no history file or note has it.")
+@click.option("--force", is_flag=True, help="Replace an existing backup_label/recovery.signal.")
+@json_option
+@click.pass_obj
+@command
+def restore_prepare(obj: Context, kind: str, datadir: str, label_file: str, tablespace_map,
+                    wal_source, stop_lsn, force: bool, as_json: bool) -> None:
+    """Make a restored copy start from a backup-mode snapshot.
+
+    Installs the backup label next to the data, with recovery.signal when a WAL
+    archive is given. Refuses, with the reason, when the WAL the backup needs is not
+    there: a label without its WAL makes the server refuse to start.
+    """
+    from .adapters.postgresql import restore_prepare as prepare
+    started = time.monotonic()
+    result = prepare(datadir, label_file, tablespace_map, wal_source=wal_source, force=force,
+                     stop_lsn=stop_lsn)
+    emit({"ok": True, "action": "restore-prepare", "outcomes": [],
+          "message": "\n".join(f"{k}: {v}" for k, v in result.items()), "result": result},
+         as_json, started)

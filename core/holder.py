@@ -32,6 +32,8 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from . import logs
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 30.0      # how long the holder waits for freeze to acknowledge "ready"
 ANSWER_GRACE = 10.0     # how long it waits for a thaw reply to be sent before exiting
+THAW_STAGGER = 1.0      # longest one target's release may delay the next one's
 SENTINEL_GRACE = 5.0    # how long after the deadline the stand-in watchdog acts
 
 # The stand-in watchdog: sleeps without importing anything, then runs an orphan thaw.
@@ -174,16 +177,7 @@ class Holder:
         with self._release_lock:
             if self.report is not None:
                 return self.report
-            outcomes: list[Outcome] = []
-            for target in reversed(self.config.targets):
-                hold = self.holds.pop(target.name, None)
-                if hold is None:
-                    continue
-                outcome, _ = call(self.adapters, "thaw", target, hold=hold)
-                if reason and outcome.status == "ok":
-                    outcome.status, outcome.error = "broken", reason
-                outcomes.append(outcome)
-                self._target_state(target.name)["status"] = _after_thaw(outcome)
+            outcomes = self._thaw_in_reverse(reason)
             now = time.time()
             held_for = now - self.state["held_since"] if self.state["held_since"] else 0.0
             ok = not reason and all(o.ok for o in outcomes)
@@ -199,6 +193,36 @@ class Holder:
             self.released.set()
             log.info("released by %s: %s", by, message)
             return self.report
+
+    def _thaw_in_reverse(self, reason: str | None) -> list[Outcome]:
+        """Thaw held targets in reverse config order, none waiting long on another.
+
+        Each thaw starts once the previous one finished, or after THAW_STAGGER if it has
+        not: a target whose release blocks (a backup stop writing to a disk the host still
+        has frozen) must not keep the others quiesced.
+        """
+        held = [(t, self.holds.pop(t.name)) for t in reversed(self.config.targets)
+                if t.name in self.holds]
+        if not held:
+            return []
+        pool = ThreadPoolExecutor(max_workers=len(held), thread_name_prefix="thaw")
+        futures = []
+        for target, hold in held:
+            futures.append(pool.submit(call, self.adapters, "thaw", target, hold=hold))
+            wait([futures[-1]], timeout=THAW_STAGGER)
+        outcomes = []
+        for (target, _), future in zip(held, futures):
+            try:
+                outcome, _ = future.result(timeout=hard_limit(target))
+            except FutureTimeout:
+                outcome = Outcome(target.name, target.kind, "thaw", "failed", hard_limit(target),
+                                  error=f"thaw did not return within {hard_limit(target):g} s")
+            if reason and outcome.status == "ok":
+                outcome.status, outcome.error = "broken", reason
+            self._target_state(target.name)["status"] = _after_thaw(outcome)
+            outcomes.append(outcome)
+        pool.shutdown(wait=False)
+        return outcomes
 
     # -- control socket ----------------------------------------------------------
 

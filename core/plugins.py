@@ -21,7 +21,7 @@ ENTRY_POINT_GROUP = "quiesce.adapters"
 #: Bundled adapters, registered explicitly under their kind so a checkout works as is.
 DEFAULT_ADAPTERS = {
     "sqlite": "quiesce.adapters.sqlite",
-    # "postgresql": "quiesce.adapters.postgresql",
+    "postgresql": "quiesce.adapters.postgresql",
     # "mysql": "quiesce.adapters.mysql",
     "mongodb": "quiesce.adapters.mongodb",
     "redis": "quiesce.adapters.redis",

@@ -222,3 +222,18 @@ def test_a_failed_release_stays_recorded_and_the_next_thaw_retries_it(tmp_path):
     second = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
     assert second.returncode == 1 and second.report["action"] == "recovered"
     assert records(tmp_path / "calls").count("thaw-without-session a") == 2
+
+
+def test_a_release_that_blocks_does_not_keep_the_others_quiesced(tmp_path):
+    db = make_sqlite(tmp_path / "app.db")
+    # thaw runs in reverse: "stuck" first, then "app"; stuck's release takes 4 s
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)},
+                                     "stuck": recorder(tmp_path, sleep={"thaw-without-session": 4})})
+    assert run(config, "freeze", fakes=("recorder",)).returncode == 0
+    thaw = subprocess.Popen(QUIESCE + ["--config", str(config), "thaw"], env=env_with("recorder"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: sqlite_writable(db), timeout=3), "app waited for stuck's release"
+        assert thaw.poll() is None, "the stuck release should still be running"
+    finally:
+        assert thaw.wait(timeout=30) == 0
