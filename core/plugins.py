@@ -22,7 +22,7 @@ ENTRY_POINT_GROUP = "quiesce.adapters"
 DEFAULT_ADAPTERS = {
     "sqlite": "quiesce.adapters.sqlite",
     "postgresql": "quiesce.adapters.postgresql",
-    # "mysql": "quiesce.adapters.mysql",
+    "mysql": "quiesce.adapters.mysql",
     "mongodb": "quiesce.adapters.mongodb",
     "redis": "quiesce.adapters.redis",
 }
