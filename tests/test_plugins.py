@@ -84,3 +84,14 @@ def test_help_imports_no_driver_and_no_adapter():
     import subprocess, sys
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_missing_driver_is_one_line_naming_the_extra(tmp_path):
+    from .helpers import write_config
+    config = write_config(tmp_path, {"main": {"kind": "postgresql", "dsn": "host=127.0.0.1"}})
+    proc = run(config, "check", "--json", fakes=("nodrivers",), check_json=True)
+    assert proc.returncode == 1
+    [outcome] = proc.report["outcomes"]
+    assert outcome["status"] == "failed"
+    assert outcome["error"] == ("the Python module 'psycopg' is not installed; "
+                                "install it with: pip install 'quiesce[postgresql]'")
