@@ -391,6 +391,8 @@ class AzureHost(Host):
                     event(f"snapshot: {snapshot.describe()}")
                     report["snapshot"] = snapshot.run()
                 report["freeze"] = {"mounts": list(frozen.mounts),
+                                    "frozen_at": frozen.frozen_at_wall,
+                                    "thawed_at": frozen.thawed_at_wall,
                                     "frozen_for": round(frozen.frozen_for or 0, 4),
                                     "thawed_by_watchdog": frozen.thawed_by_watchdog}
                 event(f"thawed {', '.join(frozen.mounts)}")
