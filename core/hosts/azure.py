@@ -333,7 +333,8 @@ class AzureHost(Host):
             if on_event:
                 on_event(timeline[-1]["t"], text)
 
-        report: dict[str, Any] = {"host": self.name, "timeline": timeline, "pre": None,
+        report: dict[str, Any] = {"host": self.name, "started_at": time.time(),
+                                  "timeline": timeline, "pre": None,
                                   "post": None, "snapshot": None, "freeze": None}
         if self.owner != "root":
             report["note"] = (f"not run as root: ownership is checked against {self.owner!r} "
