@@ -100,6 +100,7 @@ def thaw(target: Target, hold: Hold) -> None:
     conn: sqlite3.Connection | None = hold.session
     if conn is None:
         return  # the lock died with the holder's process; nothing is left to release
+    hold.session = None  # released once: a second thaw is a no-op
     try:
         if not conn.in_transaction:
             raise HoldBroken(f"the write lock on {target.settings['path']} was not held at thaw")

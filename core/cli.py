@@ -141,9 +141,16 @@ def freeze(obj: Context, as_json: bool) -> None:
     Returns once every target is quiesced and held by a detached holder process, or
     after releasing everything when any target fails (exit 1, naming it).
     """
-    from .holder import start
-    started = time.monotonic()
-    report = start(obj.config, obj.adapters)
+    from .holder import prepare_runtime_dir, start, take_lock
+    started, started_at = time.monotonic(), time.time()
+    # The lock first, before adapters load: a thaw that comes meanwhile sees a freeze
+    # is starting, leaves a note, and this freeze releases everything when it sees it.
+    runtime_dir = lean.runtime_dir_of(obj.config_path)
+    prepare_runtime_dir(runtime_dir)
+    lock_fd = take_lock(runtime_dir)
+    if obj.config.runtime_dir != runtime_dir:  # cannot differ, but never hold the wrong lock
+        raise QuiesceError(f"runtime_dir changed while loading {obj.config_path}")
+    report = start(obj.config, obj.adapters, lock_fd=lock_fd, started=started_at)
     emit(report, as_json, started)
 
 
@@ -341,7 +348,7 @@ def rehearse(obj: Context, host: str, root: str, freeze_mounts, allow_root_freez
     report = _host(host, root).rehearse(snapshot=step, freeze_mounts=list(freeze_mounts),
                                         allow_root_freeze=allow_root_freeze,
                                         freeze_deadline=freeze_deadline, on_event=printer)
-    report["holds"] = _holds(obj.config_path)
+    report["holds"] = _holds(obj.config_path, since=report["started_at"])
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -356,11 +363,12 @@ def rehearse(obj: Context, host: str, root: str, freeze_mounts, allow_root_freez
     sys.exit(0 if report["code"] == 0 else 1)
 
 
-def _holds(config_path: str) -> list[dict]:
-    """How long each target was held, from the holder's record."""
+def _holds(config_path: str, since: float) -> list[dict]:
+    """How long each target was held in this rehearsal, from the holder's record."""
     state = lean.read_state(lean.runtime_dir_of(config_path)) or {}
-    if not state.get("held_since") or not state.get("released_at"):
-        return []
+    if not state.get("held_since") or not state.get("released_at") \
+            or state.get("started_at", 0) < since:
+        return []  # no freeze ran in this rehearsal
     seconds = state["released_at"] - state["held_since"]
     statuses = {o["target"]: o["status"] for o in state.get("outcomes", ())}
     return [{"target": t["name"], "kind": t["kind"], "seconds": round(seconds, 4),

@@ -42,7 +42,7 @@ from .errors import BusyError, ConfigError
 from .phases import Outcome, call, hard_limit, run_phase
 from .plugins import Adapters
 from .target import Hold
-from .thaw import LOCK_NAME, SOCKET_NAME, read_state, write_state
+from .thaw import LOCK_NAME, SOCKET_NAME, read_state, thaw_requested_since, write_state
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ SENTINEL_GRACE = 5.0    # how long after the deadline the stand-in watchdog acts
 # The stand-in watchdog: sleeps without importing anything, then runs an orphan thaw.
 _SENTINEL = ("import os, sys, time\n"
              "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
-             "os.execv(sys.executable, [sys.executable, '-B', '-m', 'quiesce', '--config',"
+             "os.execv(sys.executable, [sys.executable, '-B', '-P', '-m', 'quiesce', '--config',"
              " sys.argv[2], 'thaw', '--orphaned'])\n")
 
 
@@ -88,7 +88,7 @@ def take_lock(runtime_dir: str) -> int:
 
 class Holder:
     def __init__(self, config: Config, adapters: Adapters, *, report_fd: int, ack_fd: int,
-                 lock_fd: int):
+                 lock_fd: int, started: float):
         self.config, self.adapters = config, adapters
         self.runtime_dir = config.runtime_dir
         self.report_fd, self.ack_fd, self.lock_fd = report_fd, ack_fd, lock_fd
@@ -103,7 +103,7 @@ class Holder:
         self.report: dict[str, Any] | None = None
         self.state: dict[str, Any] = {
             "version": 1, "config": config.path, "holder_pid": os.getpid(),
-            "started_at": time.time(), "held_since": None, "deadline": None,
+            "started_at": started, "held_since": None, "deadline": None,
             "max_hold": config.max_hold, "phase": "starting", "released_by": None,
             "released_at": None, "acknowledged": False, "outcomes": [],
             "targets": [{"name": t.name, "kind": t.kind, "status": "pending",
@@ -128,6 +128,12 @@ class Holder:
         readable, _, _ = select.select([self.ack_fd], [], [], 0)
         return bool(readable)  # freeze writes nothing before "ready": readable means EOF
 
+    def _thaw_came(self) -> bool:
+        """A thaw came, on the socket or (before it existed) as a note in the runtime dir."""
+        if thaw_requested_since(self.runtime_dir, self.state["started_at"]):
+            self.cancel.set()
+        return self.cancel.is_set()
+
     # -- freeze ------------------------------------------------------------------
 
     def _freeze(self) -> bool:
@@ -136,7 +142,7 @@ class Holder:
             self.state["phase"] = hook
             results = run_phase(self.adapters, hook, targets)
             self._send({"type": "progress", "outcomes": [o.as_dict() for o, _ in results]})
-            if any(not o.ok for o, _ in results) or self.cancel.is_set() or self._parent_gone():
+            if any(not o.ok for o, _ in results) or self._thaw_came() or self._parent_gone():
                 return False
         self.state["phase"] = "quiesce"
         for t in self.state["targets"]:
@@ -156,7 +162,7 @@ class Holder:
                 entry["status"] = "failed"
         self._save()
         self._send({"type": "progress", "outcomes": [o.as_dict() for o, _ in results]})
-        return all(o.ok for o, _ in results) and not self.cancel.is_set()
+        return all(o.ok for o, _ in results) and not self._thaw_came()
 
     def _handshake(self) -> bool:
         """Tell freeze we hold everything; true once it acknowledged (it is alive)."""
@@ -356,10 +362,17 @@ def _redirect_stdio() -> None:
     os.close(devnull)
 
 
-def start(config: Config, adapters: Adapters, on_progress=None) -> dict[str, Any]:
-    """Fork the holder and wait until it holds every target (or failed); the freeze."""
-    prepare_runtime_dir(config.runtime_dir)
-    lock_fd = take_lock(config.runtime_dir)
+def start(config: Config, adapters: Adapters, *, lock_fd: int | None = None,
+          started: float | None = None, on_progress=None) -> dict[str, Any]:
+    """Fork the holder and wait until it holds every target (or failed); the freeze.
+
+    *lock_fd* is the freeze lock if the caller took it already, and *started* the wall
+    time the freeze began: a thaw noted after it cancels this freeze.
+    """
+    started = started or time.time()
+    if lock_fd is None:
+        prepare_runtime_dir(config.runtime_dir)
+        lock_fd = take_lock(config.runtime_dir)
     report_r, report_w = os.pipe()
     ack_r, ack_w = os.pipe()
     sys.stdout.flush()
@@ -374,7 +387,7 @@ def start(config: Config, adapters: Adapters, on_progress=None) -> dict[str, Any
             os.chdir(config.runtime_dir)  # never keep a frozen filesystem as cwd
             _redirect_stdio()  # never hold the host's pipes open
             code = Holder(config, adapters, report_fd=report_w, ack_fd=ack_r,
-                          lock_fd=lock_fd).run()
+                          lock_fd=lock_fd, started=started).run()
         except BaseException:
             log.exception("holder crashed")
         finally:

@@ -43,7 +43,8 @@ def settings_for(config: Config, *, log_dir: str = DEFAULT_LOG_DIR,
                           f"run quiesce with the real interpreter (e.g. .venv/bin/python -m quiesce)")
     from . import thaw
     return InstallSettings(config=os.path.abspath(config.path), python=python,
-                           thaw_script=os.path.abspath(thaw.__file__), log_dir=log_dir,
+                           thaw_script=os.path.abspath(thaw.__file__),
+                           log_dir=os.path.abspath(log_dir),
                            freeze_timeout=freeze_budget(config), max_hold=config.max_hold)
 
 

@@ -12,6 +12,7 @@ report goes to stdout (DESIGN.md invariant 2).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ ENV_CONFIG = "QUIESCE_CONFIG"
 SOCKET_NAME = "holder.sock"
 STATE_NAME = "state.json"
 LOCK_NAME = "lock"
+THAW_REQUEST_NAME = "thaw-requested"
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a target failed, or a hold did not cover the whole window
@@ -58,14 +60,17 @@ def read_state(runtime_dir: str) -> dict | None:
         return {"corrupt": True}
 
 
-def write_state(runtime_dir: str, state: dict) -> None:
-    """Atomically replace the state file (tmpfs: safe while disks are frozen)."""
-    path = os.path.join(runtime_dir, STATE_NAME)
+def write_state_file(path: str, text: str) -> None:
+    """Atomically replace a file in the runtime dir (tmpfs: safe while disks are frozen)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(state, f)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_state(runtime_dir: str, state: dict) -> None:
+    write_state_file(os.path.join(runtime_dir, STATE_NAME), json.dumps(state))
 
 
 def request(runtime_dir: str, op: str, *, timeout: float) -> dict | None:
@@ -143,6 +148,38 @@ def acknowledge(runtime_dir: str, state: dict) -> None:
     write_state(runtime_dir, state)
 
 
+def note_thaw_request(runtime_dir: str) -> None:
+    """Leave word for a freeze that is still starting: a thaw came, so release at once."""
+    try:
+        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        write_state_file(os.path.join(runtime_dir, THAW_REQUEST_NAME), str(time.time()))
+    except OSError:
+        pass
+
+
+def thaw_requested_since(runtime_dir: str, since: float) -> bool:
+    try:
+        with open(os.path.join(runtime_dir, THAW_REQUEST_NAME)) as f:
+            return float(f.read()) >= since
+    except (OSError, ValueError):
+        return False
+
+
+def freeze_in_progress(runtime_dir: str) -> bool:
+    """Does a freeze or holder hold the lock (without answering on the socket)?"""
+    try:
+        fd = os.open(os.path.join(runtime_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def thaw_via_holder(runtime_dir: str, *, timeout: float = 300.0) -> tuple[dict | None, bool]:
     """Release through the holder, or from the state file alone.
 
@@ -152,6 +189,12 @@ def thaw_via_holder(runtime_dir: str, *, timeout: float = 300.0) -> tuple[dict |
     report = request(runtime_dir, "thaw", timeout=timeout)
     if report is not None:
         return report, False
+    note_thaw_request(runtime_dir)
+    if freeze_in_progress(runtime_dir):
+        return {"ok": False, "action": "freeze-in-progress", "outcomes": [],
+                "message": "quiesce freeze was still starting (or its holder did not answer) "
+                           "when thaw came: it will release every target as soon as it sees "
+                           "this thaw request; the snapshot was not covered"}, False
     state = read_state(runtime_dir)
     report, needs_recovery = state_report(state, runtime_dir)
     if needs_recovery:
@@ -186,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         report = None
     if needs_recovery:
         # The full CLI loads the adapters and releases what the server keeps by itself.
-        cmd = [sys.executable, "-B", "-m", "quiesce", "--config", cfg, "thaw"]
+        cmd = [sys.executable, "-B", "-P", "-m", "quiesce", "--config", cfg, "thaw"]
         cmd += ["--json"] if args.json else []
         os.execv(sys.executable, cmd + rest)
     emit(report, as_json=args.json, started=started)

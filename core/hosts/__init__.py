@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,8 @@ class Host(ABC):
     name: str = ""
 
     def __init__(self, root: str = "/"):
-        self.root = root
+        # Absolute: the host runs scripts from its own directory, not the caller's.
+        self.root = os.path.abspath(root)
 
     def path(self, absolute: str) -> str:
         """Where *absolute* (a path on the real machine) is under this host's root."""

@@ -67,6 +67,7 @@ CODES = {
     313: "FailedPrepostPluginhostConfigNotFound",
     314: "FailedPrepostPluginhostConfigPermissionError",
     316: "FailedPrepostPluginConfigNotFound", 317: "FailedPrepostPluginConfigPermissionError",
+    310: "FailedPrepostPluginhostPreTimeout", 311: "FailedPrepostPluginhostPostTimeout",
     121: "FailedRetryableFsFreezeFailed", 2: "error",
 }
 #: Validation failures after which the host takes a file-system consistent backup and
@@ -147,7 +148,7 @@ class AzureHost(Host):
                "# post-script (or its watchdog, after max_hold) releases them.\n"
                "umask 077\n"
                f"exec </dev/null >>{q(settings.log_dir + '/azure-pre-script.log')} 2>&1\n"
-               f"exec {q(settings.python)} -B -m quiesce --config {q(settings.config)} freeze\n")
+               f"exec {q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze\n")
         post = (f"#!/bin/sh\n{header}"
                 "# Release every target. The report is held in memory until the targets are\n"
                 "# released, so nothing here writes to a disk before they are.\n"
@@ -218,23 +219,20 @@ class AzureHost(Host):
         if "ScriptsExecutionPollTimeSeconds" in data:
             try:
                 poll = int(data["ScriptsExecutionPollTimeSeconds"])
-            except (TypeError, ValueError):
+            except ValueError:  # caught by the host's get_config
                 return _verdict(305, "ScriptsExecutionPollTimeSeconds is not a number")
+            except TypeError:  # not caught there: PluginHost turns it into 304
+                return _verdict(304, "ScriptsExecutionPollTimeSeconds has the wrong JSON type")
             if 1 <= poll <= 5:
                 config.poll = poll  # out of range is silently ignored by the host
         for key, attr in (("preScriptParams", "pre_params"), ("postScriptParams", "post_params")):
             config.__setattr__(attr, [str(p) for p in data.get(key, [])])  # a string: per char
-        for key, attr in (("preScriptNoOfRetries", "pre_retries"),
-                          ("postScriptNoOfRetries", "post_retries")):
-            value = data.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int):
-                return _verdict(304, f"{key} is {value!r}; the host needs an integer")
-            config.__setattr__(attr, value)
+        # Wrong types here pass validation and break the host only when a script fails;
+        # they are kept as they are so the rehearsal can show exactly that (see quirks()).
+        config.pre_retries = data.get("preScriptNoOfRetries", 0)
+        config.post_retries = data.get("postScriptNoOfRetries", 0)
         config.continue_on_failure = data.get("continueBackupOnFailure", True)
         config.fs_freeze = data.get("fsFreezeEnabled", True)
-        if not isinstance(config.continue_on_failure, bool):
-            return _verdict(304, f"continueBackupOnFailure is {config.continue_on_failure!r}; the "
-                                 f"host needs a JSON boolean (a string breaks it when a script fails)")
         self.plugin_config = config
         for script, missing, denied in ((config.pre, 302, 306), (config.post, 303, 307)):
             path = self.path(script)
@@ -248,19 +246,38 @@ class AzureHost(Host):
         return _verdict(0, "the host will run the pre- and post-script", timeout=config.timeout,
                         poll=config.poll)
 
+    def quirks(self) -> list[str]:
+        """Values the host accepts but mishandles (call after validate)."""
+        config, found = self.plugin_config, []
+        if config is None:
+            return found
+        if not isinstance(config.continue_on_failure, bool):
+            found.append(f"continueBackupOnFailure is {config.continue_on_failure!r}, not a JSON "
+                         f"boolean: the host crashes (code 2, no post-script) when a script fails")
+        for key, value in (("preScriptNoOfRetries", config.pre_retries),
+                           ("postScriptNoOfRetries", config.post_retries)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                found.append(f"{key} is {value!r}, not an integer: when the script fails the "
+                             f"host's worker dies and it waits 1800 s (code 310/311)")
+        if not isinstance(config.fs_freeze, bool):
+            found.append(f"fsFreezeEnabled is {config.fs_freeze!r}, not a JSON boolean: the host "
+                         f"treats anything but false as true")
+        return found
+
     def conflicts(self) -> list[str]:
+        found = self.quirks()
         path = self.path(WORKLOAD_CONF)
         try:
             parser = configparser.ConfigParser()
             parser.read(path)
             workload = parser.get("workload", "workload_name", fallback="").strip()
         except configparser.Error:
-            return []
+            return found
         if workload in WORKLOADS:
-            return [f"{WORKLOAD_CONF} sets workload_name = {workload}: the host then runs its own "
+            found.append(f"{WORKLOAD_CONF} sets workload_name = {workload}: the host then runs its own "
                     f"'enhanced' {workload} scripts and ignores {CONFIG_JSON} entirely. Remove or "
-                    f"empty workload_name to let quiesce's scripts run"]
-        return []
+                    f"empty workload_name to let quiesce's scripts run")
+        return found
 
     # -- rehearsal --------------------------------------------------------------------
 
@@ -285,7 +302,18 @@ class AzureHost(Host):
                     break
                 curr += 1
                 time.sleep(config.poll)
-            if process.returncode == 0 or timed_out or count >= retries:
+            if process.returncode == 0 or timed_out:
+                break
+            if isinstance(retries, bool) or not isinstance(retries, int):
+                # `cnt >= retries` raises TypeError in the host's worker thread; the host
+                # then waits 1800 s for it and reports 310/311. We report at once.
+                event(f"host worker thread crashed comparing {which}ScriptNoOfRetries {retries!r}")
+                result = {"argv": argv, "pid": process.pid, "exit_status": process.returncode,
+                          "code": 310 if which == "pre" else 311,
+                          "seconds": round(time.monotonic() - started, 3)}
+                result["name"] = CODES[result["code"]]
+                return result
+            if count >= retries:
                 break
             event(f"{label} for ScriptRunner failed. Retrying...")
             count += 1
@@ -315,7 +343,8 @@ class AzureHost(Host):
             if not thread.is_alive():
                 break
         if thread.is_alive():
-            box.update(code=310 if which == "pre" else 311, name="FailedPrepostPluginhostTimeout")
+            code = 310 if which == "pre" else 311
+            box.update(code=code, name=CODES[code])
         event(f"host noticed the {which}-script's end")
         return box
 
@@ -358,6 +387,8 @@ class AzureHost(Host):
             if verdict.code == 0:
                 report["pre"] = pre = self._host_phase("pre", config, extension_dir, event)
                 do_backup = True
+                if pre["code"] and not isinstance(continue_on_failure, bool):
+                    return self._crash(report, event, "pre")
                 if pre["code"]:
                     script_codes.append(pre["code"])
                     do_backup = bool(continue_on_failure) and freeze_enabled
@@ -374,12 +405,23 @@ class AzureHost(Host):
                 event("no snapshot: the host skips it")
             if verdict.code == 0:
                 report["post"] = post = self._host_phase("post", config, extension_dir, event)
+                if post["code"] and not isinstance(continue_on_failure, bool):
+                    return self._crash(report, event, "post")
                 if post["code"]:
                     script_codes.append(post["code"])
                     if not continue_on_failure or not freeze_enabled:
                         do_backup = False
         report.update(self._result(verdict, script_codes, do_backup, snapshot_code))
         event(f"result: {report['code']} {report['message']}")
+        return report
+
+    @staticmethod
+    def _crash(report: dict[str, Any], event: Callable[[str], None], which: str) -> dict[str, Any]:
+        """PluginHost AND-s continueBackup with a string: TypeError, the enable fails."""
+        report.update(code=2, status="error", consistency="none", health_code=None,
+                      health_name=None, message=f"the host crashed after the {which}-script "
+                      f"failed: continueBackupOnFailure is not a JSON boolean")
+        event(f"result: 2 {report['message']}")
         return report
 
     def _freeze_and_snapshot(self, snapshot, mounts, allow_root, deadline, report, event) -> int:

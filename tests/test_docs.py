@@ -1,0 +1,73 @@
+"""Docs and exports that must not drift from the code."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import quiesce
+import quiesce.testing
+from quiesce import hookspecs
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTHOR_DOCS = ROOT / "docs" / "writing-adapters.md"
+
+
+def hookspec_functions() -> dict[str, object]:
+    marker = f"{hookspecs.PROJECT}_spec"  # what pluggy's HookspecMarker sets
+    return {name: fn for name, fn in vars(hookspecs).items()
+            if inspect.isfunction(fn) and hasattr(fn, marker)}
+
+
+def _annotation(annotation: object) -> str:
+    return annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+
+
+def signature_text(fn) -> str:
+    """``name(param: Type, ...) -> Return``, as written in core/hookspecs.py."""
+    sig = inspect.signature(fn)
+    params = ", ".join(p.name if p.annotation is p.empty
+                       else f"{p.name}: {_annotation(p.annotation)}"
+                       for p in sig.parameters.values())
+    returns = ("" if sig.return_annotation is sig.empty
+               else f" -> {_annotation(sig.return_annotation)}")
+    return f"{fn.__name__}({params}){returns}"
+
+
+def test_the_hookspecs_are_the_five_hooks():
+    assert set(hookspec_functions()) == {"validate", "check", "flush", "quiesce", "thaw"}
+
+
+@pytest.mark.parametrize("hook", sorted(hookspec_functions()))
+def test_every_hook_is_documented_under_its_exact_signature(hook):
+    expected = signature_text(hookspec_functions()[hook])
+    headings = re.findall(r"^#{2,4} `([^`]+)`\s*$", AUTHOR_DOCS.read_text(), re.MULTILINE)
+    assert expected in headings, (
+        f"docs/writing-adapters.md has no section headed `{expected}` (the signature in "
+        f"core/hookspecs.py); headings found: {headings}")
+
+
+def test_no_documented_hook_is_stale():
+    hooks = hookspec_functions()
+    documented = re.findall(r"^#{2,4} `(\w+)\(", AUTHOR_DOCS.read_text(), re.MULTILINE)
+    assert sorted(documented) == sorted(hooks), "a documented hook is not in core/hookspecs.py"
+
+
+def test_the_author_docs_list_every_promise_of_the_kit():
+    text = " ".join(AUTHOR_DOCS.read_text().split())  # line breaks do not matter
+    missing = [p for p in quiesce.testing.PROMISES.values() if p not in text]
+    assert missing == []
+    contract = quiesce.testing.AdapterContract
+    tests = [name for name in vars(contract) if name.startswith("test_")]
+    assert [t for t in tests if f"`{t}`" not in text] == []
+
+
+@pytest.mark.parametrize("module", [quiesce, quiesce.testing], ids=lambda m: m.__name__)
+def test_all_is_exported_and_sorted(module):
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert missing == [], f"{module.__name__}.__all__ names what it does not export"
+    assert module.__all__ == sorted(module.__all__), f"{module.__name__}.__all__ is not sorted"
+    assert len(set(module.__all__)) == len(module.__all__)
