@@ -1,0 +1,560 @@
+"""RESULTS.md (and the README's table) from results.json's dictionary."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+KIND_ORDER = ("sqlite", "redis", "mariadb", "postgresql")
+KIND_LABEL = {"sqlite": "SQLite", "redis": "Redis", "mariadb": "MariaDB",
+              "postgresql": "PostgreSQL 15"}
+TARGETS = {"sqlite": "database files", "redis": "servers", "mariadb": "servers",
+           "postgresql": "clusters"}
+
+
+def _cell(stats: dict | None, digits: int = 1) -> str:
+    if not stats:
+        return "n/a"
+    return f"{stats['median']:.{digits}f} / {stats['p95']:.{digits}f}"
+
+
+def _median(stats: dict | None) -> float | None:
+    return stats["median"] if stats else None
+
+
+def pairs(r: dict) -> Iterator[tuple[str, int, dict, dict | None]]:
+    """(kind, N, a quiesce figure, the baseline figure of the same kind and N)."""
+    figs = r["figures"]
+    for kind in KIND_ORDER:
+        for n in r["settings"]["targets"]:
+            mine = [f for f in figs if f["kind"] == kind and f["targets"] == n]
+            base = next((f for f in mine if f["tool"] == "baseline"), None)
+            for f in mine:
+                if f["tool"] == "quiesce":
+                    yield kind, n, f, base
+
+
+def _row_label(kind: str, fig: dict, several_variants: bool) -> str:
+    label = KIND_LABEL[kind]
+    if several_variants:
+        label += " — " + fig["label"].replace("quiesce (", "").rstrip(")")
+    return label
+
+
+def _variants(r: dict, kind: str) -> int:
+    return len({f["variant"] for f in r["figures"] if f["kind"] == kind and f["tool"] == "quiesce"})
+
+
+def figure_table(r: dict, metric: str, *, na_note: str = "") -> list[str]:
+    lines = ["| database | targets | quiesce median / p95 | baseline median / p95 | cycles (q / b) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for kind, n, q, b in pairs(r):
+        label = _row_label(kind, q, _variants(r, kind) > 1)
+        qs, bs = q.get(metric), b.get(metric) if b else None
+        if not q["blocks_writers"] and na_note:
+            qcell = bcell = na_note
+        else:
+            qcell, bcell = _cell(qs), _cell(bs) if b else "not run"
+        cycles = f"{q['ok_cycles']}/{q['cycles']} / " + (f"{b['ok_cycles']}/{b['cycles']}" if b else "-")
+        lines.append(f"| {label} | {n} | {qcell} | {bcell} | {cycles} |")
+    return lines
+
+
+def verification_table(r: dict) -> list[str]:
+    lines = ["| database | targets | contender | cycles ok | writer blocked through the step | "
+             "commits during the step (min–max; strict max) | writer's commit interval (µs) |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
+    for kind in KIND_ORDER:
+        for n in r["settings"]["targets"]:
+            for f in (f for f in r["figures"] if f["kind"] == kind and f["targets"] == n):
+                ok = f["ok_cycles"]
+                if f["blocks_writers"]:
+                    held = (f"yes, {f['held_cycles']}/{ok}" if ok and f["held_cycles"] == ok
+                            else f"**NO** ({f['held_cycles']}/{ok} held)")
+                else:
+                    held = "no — by design" if ok and f["held_cycles"] == 0 else \
+                           f"blocked in {f['held_cycles']}/{ok}"
+                c = f.get("commits_in_hold") or {}
+                commits = (f"{c.get('min', '-')}–{c.get('max', '-')}; {c.get('strict_max', '-')}"
+                           if c else "-")
+                interval = f["writer"].get("median_commit_interval_us")
+                lines.append(f"| {KIND_LABEL[kind]} | {n} | {f['label']} | {ok}/{f['cycles']} | "
+                             f"{held} | {commits} | {interval if interval is not None else '-'} |")
+    return lines
+
+
+def slower(r: dict) -> list[tuple[str, str, int, float, float]]:
+    """(figure, row label, N, quiesce median, baseline median) where quiesce is slower."""
+    found = []
+    for metric, name in (("freeze_ms", "freeze latency"), ("thaw_ms", "thaw latency"),
+                         ("hold_overhead_ms", "hold overhead")):
+        for kind, n, q, b in pairs(r):
+            qm, bm = _median(q.get(metric)), _median(b.get(metric)) if b else None
+            if qm is not None and bm is not None and qm > bm:
+                found.append((name, _row_label(kind, q, _variants(r, kind) > 1), n, qm, bm))
+    return found
+
+
+def stall_table(s: dict) -> list[str]:
+    lines = ["| contender | long UPDATE running for | freeze (ms) | freeze exit | outcome | "
+             "longest writer stall (ms) | of which beyond the snapshot step (ms) |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for row in s["rows"]:
+        running = f"{row['long_query_running_s']:.1f} s" if row["long_query_running_s"] else "ended"
+        beyond = f"{row['stall_beyond_step_ms']:.0f}"
+        if row.get("capped"):
+            beyond = f"≥ {beyond} (capped; ≈ {row['projected_stall_s']:.0f} s uncapped)"
+        lines.append(f"| {row['label']} | {running} | {row['freeze_ms']:.0f} | {row['freeze_exit']} | "
+                     f"{row['outcome']} | {row['longest_writer_stall_ms']:.0f} | {beyond} |")
+    return lines
+
+
+def _fig(r: dict, kind: str, n: int, tool: str, variant: str | None = None) -> dict | None:
+    return next((f for f in r["figures"] if f["kind"] == kind and f["targets"] == n
+                 and f["tool"] == tool and (variant is None or f["variant"] == variant)), None)
+
+
+def growth_table(r: dict) -> list[str]:
+    """Each figure's median against the number of targets, side by side."""
+    ns = r["settings"]["targets"]
+    if len(ns) < 2:
+        return []
+    head = " → ".join(str(n) for n in ns)
+    lines = [f"| database | figure | quiesce, N = {head} | baseline, N = {head} |",
+             "| --- | --- | ---: | ---: |"]
+    for kind in KIND_ORDER:
+        quiesce_variants = sorted({f["variant"] for f in r["figures"]
+                                   if f["kind"] == kind and f["tool"] == "quiesce"})
+        for variant in quiesce_variants:
+            for metric, name in (("freeze_ms", "freeze"), ("thaw_ms", "thaw"),
+                                 ("hold_overhead_ms", "hold overhead")):
+                qs = [_fig(r, kind, n, "quiesce", variant) for n in ns]
+                bs = [_fig(r, kind, n, "baseline") for n in ns]
+                if not any(q and q.get(metric) for q in qs):
+                    continue
+                label = KIND_LABEL[kind] + (f" ({qs[0]['label']})" if len(quiesce_variants) > 1
+                                            and qs[0] else "")
+
+                def series(figs):
+                    return " → ".join(f"{_median(f.get(metric)):.0f}" if f and f.get(metric)
+                                      else "-" for f in figs)
+                lines.append(f"| {label} | {name} | {series(qs)} | {series(bs)} |")
+    return lines
+
+
+def faster(r: dict) -> list[tuple[str, str, int, float, float]]:
+    found = []
+    for metric, name in (("freeze_ms", "freeze latency"), ("thaw_ms", "thaw latency"),
+                         ("hold_overhead_ms", "hold overhead")):
+        for kind, n, q, b in pairs(r):
+            qm, bm = _median(q.get(metric)), _median(b.get(metric)) if b else None
+            if qm is not None and bm is not None and qm < bm:
+                found.append((name, _row_label(kind, q, _variants(r, kind) > 1), n, qm, bm))
+    return found
+
+
+def explanations(r: dict) -> list[str]:
+    """Why quiesce is slower where it is, and what would close each gap."""
+    st = r.get("startup_ms", {})
+
+    def cost(prefix: str) -> str:
+        for label, ms in st.items():
+            if label.startswith(prefix):
+                return f"{ms:.0f} ms"
+        return "?"
+
+    def med(kind, n, tool, metric, variant=None):
+        f = _fig(r, kind, n, tool, variant)
+        return _median(f.get(metric)) if f else None
+
+    big = max(r["settings"]["targets"])
+    sq = _fig(r, "sqlite", 1, "quiesce")
+    phases = (sq or {}).get("phases_ms") or {}
+    lead, base_lead = (med("sqlite", 1, t, "locked_before_exit_ms") for t in ("quiesce", "baseline"))
+    out = [
+        "**Freeze latency.** quiesce's pre-script starts a Python interpreter, imports click, "
+        f"pluggy and the adapters (`python -m quiesce --version` alone takes "
+        f"{cost('python -B -m quiesce')} here, importing the drivers {cost('import the drivers')}), "
+        "reads the config, forks the holder, runs every target's `check` (connect, version, "
+        "privileges) and `flush` (WAL checkpoint, CHECKPOINT, waiting for a save) and only "
+        "then takes the locks, and returns after the holder's handshake. The baseline starts "
+        f"one client binary per target (`sh -c :` costs {cost('sh -c')}) and sends one "
+        "statement. For PostgreSQL quiesce also runs a CHECKPOINT in `flush` (both modes) "
+        "before `pg_backup_start(fast => true)` runs its own (backup mode), where the baseline "
+        "runs only the latter. Almost all of quiesce's extra time passes *before* the lock, "
+        "while writers still run: the part they see is in the hold overhead. To close the "
+        "gap: load only the adapters the config names instead of every entry point; a "
+        "freeze entry point without click (as thaw.py already is); keep the drivers' imports "
+        "in the holder only.",
+        "",
+        "**Thaw latency.** The post-script runs the lean thaw client, `python -I -S -B thaw.py`; "
+        "the holder releases (ROLLBACK, BACKUP STAGE END, CLIENT UNPAUSE) when the client's "
+        "request arrives. Before the request leaves, the client pays an interpreter start "
+        f"({cost('python -I -S -B -c pass')} bare) and its imports (an interpreter that imports "
+        f"only json and socket, which pull in re and enum, takes {cost('python -I -S -B -c import json')}; "
+        "then come argparse, and tomllib to read `runtime_dir` from the config): "
+        f"{cost('lean thaw client')} for the client with nothing to release. The baseline's "
+        "post-script writes one line into each FIFO with a shell builtin, and the clients that "
+        "already hold the sessions run it: no process starts before the release. That "
+        "start-up is the whole gap at one target. To close it: let the post-script release "
+        "first and ask for the report after — the holder also listens on a FIFO in its "
+        "runtime directory (tmpfs), the generated post-script writes `thaw` into it with "
+        "`printf` (a builtin, well under a millisecond) and only then starts Python to collect "
+        "the report the holder keeps for it; nothing touches a disk filesystem before the "
+        "release, so invariant 2 still holds. A smaller step with the same client: send a "
+        "constant request first, with the runtime directory passed by the generated script, "
+        "and import json, argparse and tomllib only after it (the release is under way by "
+        "then): about the bare interpreter's start.",
+        "",
+        "**Hold overhead.** Writers are blocked from the moment a lock is taken until it is "
+        "released: (lock → pre-script exit) + the thaw latency. "
+        + (f"For one SQLite database the first part is {lead:.0f} ms for quiesce against "
+           f"{base_lead:.0f} ms for the baseline (table *Where the hold overhead goes*). "
+           if lead is not None and base_lead is not None else "")
+        + "Inside the holder the lock itself is quick (phase times below), and the freeze "
+        "command logs \"frozen\" within a millisecond of the lock; the time goes after that: "
+        "the freeze process writes its report and then finalises its interpreter (tearing "
+        "down the modules of click, pluggy, importlib.metadata and the adapters) before the "
+        "pre-script can exit. Measured separately on this machine: 20–35 ms from its "
+        "\"frozen\" log line to the pre-script's exit, and strace shows no system call in that "
+        "stretch but munmap. The holder has also just started its stand-in watchdog (one "
+        "more Python interpreter, launched right before the quiesce phase), which competes "
+        "for the CPU on a small machine while the lock is held. The baseline exits at its "
+        "next 2 ms poll after the lock marker. To close it: end `freeze` with `os._exit()` "
+        "right after flushing its report (nothing is left to clean up: the holder owns "
+        "everything), start the sentinel before the check phase, and the thaw change above."
+        + (" Phase times inside the holder for one SQLite database (median): "
+           + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()) + "." if phases else ""),
+    ]
+    if big > 1:
+        redis_q, redis_b = med("redis", big, "quiesce", "thaw_ms"), med("redis", big, "baseline", "thaw_ms")
+        maria = med("mariadb", big, "quiesce", "hold_overhead_ms")
+        maria_b = med("mariadb", big, "baseline", "hold_overhead_ms")
+        maria_f = med("mariadb", big, "quiesce", "freeze_ms")
+        out += [
+            "",
+            f"**With more targets.** quiesce runs each phase for all targets at once (threads in "
+            "the holder) and takes the locks only after every target passed `check` and "
+            "`flush`, so its hold does not include the time to prepare the other targets; the "
+            "baseline connects every client first too, then sends the locks one after another "
+            "and waits for each marker in turn. What grows for quiesce:",
+            "",
+            "* *thaw*: the holder releases in reverse order, each target after the previous one "
+            "finished (or after 1 s at most), not all at once"
+            + (f"; a Redis release opens a new connection each time (the pause is kept by the "
+               f"server, so no session is held), which makes {big} Redis servers take "
+               f"{redis_q:.0f} ms against the baseline's {redis_b:.0f} ms"
+               if redis_q is not None and redis_b is not None else "")
+            + ". To close: keep the connection a server-kept hold was taken on and release "
+            "through it, and release targets that do not depend on each other concurrently.",
+            "* *freeze and hold on MariaDB*: a target's quiesce phase runs BACKUP STAGE START, "
+            "FLUSH, BLOCK_DDL and BLOCK_COMMIT, reads the binary-log coordinates and writes and "
+            "fsyncs the coordinates file; writers are blocked from BLOCK_COMMIT on. With N "
+            "servers these run in N PyMySQL threads (pure Python, one interpreter lock) on this "
+            "machine's CPUs, so the first server's BLOCK_COMMIT comes well before the last "
+            "one's, and its writers wait for all of them"
+            + (f": at {big} servers freeze takes {maria_f:.0f} ms and writers wait "
+               f"{maria:.0f} ms beyond the step (baseline: {maria_b:.0f} ms)"
+               if None not in (maria, maria_b, maria_f) else "")
+            + ". To close: run every target's non-blocking part first (the first three stages "
+            "let commits through) and issue the blocking statements together at the end — a "
+            "core change (a prepare step before quiesce, or a barrier the adapters wait on) — "
+            "and leave the coordinates file's fsync to the host's filesystem freeze, which "
+            "flushes it into the snapshot anyway.",
+        ]
+    return out
+
+
+def lead_table(r: dict) -> list[str]:
+    lines = ["| database | targets | contender | lock → pre-script exit | post-script start → "
+             "first commit (thaw) | hold overhead |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for kind in KIND_ORDER:
+        for n in r["settings"]["targets"]:
+            for f in (f for f in r["figures"] if f["kind"] == kind and f["targets"] == n
+                      and f["blocks_writers"]):
+                lines.append(f"| {KIND_LABEL[kind]} | {n} | {f['label']} | "
+                             f"{_cell(f.get('locked_before_exit_ms'))} | {_cell(f.get('thaw_ms'))} | "
+                             f"{_cell(f.get('hold_overhead_ms'))} |")
+    return lines
+
+
+def phases_table(r: dict) -> list[str]:
+    lines = ["| database | targets | contender | check | flush | quiesce | thaw (in the holder) |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for kind in KIND_ORDER:
+        for n in r["settings"]["targets"]:
+            for f in (f for f in r["figures"] if f["kind"] == kind and f["targets"] == n
+                      and f["tool"] == "quiesce"):
+                p = f.get("phases_ms") or {}
+                cells = [f"{p[k]:.1f}" if k in p else "-" for k in ("check", "flush", "quiesce", "thaw")]
+                lines.append(f"| {KIND_LABEL[kind]} | {n} | {f['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def readme_table(r: dict) -> str:
+    """One target per kind: the three figures side by side (the README quotes it)."""
+    lines = ["| database (1 target) | freeze latency, ms | thaw latency, ms | hold overhead, ms |",
+             "| --- | ---: | ---: | ---: |"]
+    for kind, n, q, b in pairs(r):
+        if n != 1:
+            continue
+        label = _row_label(kind, q, _variants(r, kind) > 1)
+
+        def both(metric):
+            if not q["blocks_writers"]:
+                return "n/a (never blocks)"
+            return (f"{_median(q.get(metric)) or 0:.0f} (baseline "
+                    f"{_median(b.get(metric)) if b and b.get(metric) else float('nan'):.0f})")
+        lines.append(f"| {label} | {_median(q.get('freeze_ms')) or 0:.0f} (baseline "
+                     f"{_median(b.get('freeze_ms')) if b and b.get('freeze_ms') else float('nan'):.0f}) | "
+                     f"{both('thaw_ms')} | {both('hold_overhead_ms')} |")
+    lines.append("")
+    stall = r.get("stall")
+    rows = {row["contender"]: row for row in (stall or {}).get("rows", ())}
+    if {"quiesce", "quiesce-ftwrl", "baseline"} <= set(rows):
+        q, f, b = rows["quiesce"], rows["quiesce-ftwrl"], rows["baseline"]
+        lines.append(f"Behind a {stall['query_s']:g}-second MariaDB UPDATE, writers waited "
+                     f"{q['stall_beyond_step_ms']:.0f} ms beyond the snapshot step with quiesce "
+                     f"(BACKUP STAGE), {f['stall_beyond_step_ms']:.0f} ms with quiesce's FTWRL "
+                     f"strategy (it refused the lock), and "
+                     + (f"at least {b['stall_beyond_step_ms'] / 1000:.0f} s with the naive FTWRL "
+                        f"baseline (the run cut it short; about "
+                        f"{b.get('projected_stall_s') or 0:.0f} s otherwise)."
+                        if b.get("capped") else
+                        f"{b['stall_beyond_step_ms']:.0f} ms with the naive FTWRL baseline."))
+        lines.append("")
+    lines.append(f"Medians of {r['settings']['cycles'].get('1', '?')} cycles on "
+                 f"{r['machine']['cpus']} CPUs, {r['date'][:10]}; baseline: a shell script with "
+                 f"the database's client kept open on a FIFO. Details, p95 and 8/32 targets: "
+                 f"[benchmarks/RESULTS.md](benchmarks/RESULTS.md).")
+    return "\n".join(lines)
+
+
+def render(r: dict) -> str:
+    m = r["machine"]
+    st = r["settings"]
+    step_ms = st["step_s"] * 1000
+    L: list[str] = []
+    add = L.append
+    add("# quiesce benchmarks: how long writers are blocked")
+    add("")
+    add(f"Generated by `benchmarks/run.py` ({r['mode']} mode; `make bench` runs the full one) "
+        f"on {r['date']}, in {r['duration_s']:.0f} s. Raw figures: `results.json`.")
+    if r["mode"] != "full":
+        add("")
+        add("**Quick mode: a few cycles, one target; a smoke test, not a measurement.**")
+    add("")
+    add("## Machine")
+    add("")
+    add("| | |")
+    add("| --- | --- |")
+    add(f"| CPU | {m['cpus']} × {m['cpu_model']} |")
+    add(f"| memory | {m['memory']} |")
+    add(f"| load average (1, 5, 15 min) at start / end | {m.get('load_start', '?')} / "
+        f"{m.get('load_end', '?')} (anything else running shares the CPUs with the run) |")
+    add(f"| OS, kernel | {m['os']}, Linux {m['kernel']} |")
+    add(f"| Python | {m['python']} |")
+    add(f"| quiesce | {m['quiesce']} |")
+    for kind in KIND_ORDER:
+        if kind in r["versions"]:
+            add(f"| {KIND_LABEL[kind]} | {r['versions'][kind]} |")
+    for name, version in m["clients"].items():
+        add(f"| baseline client `{name}` | {version} |")
+    add("")
+    add("## How it is measured")
+    add("")
+    add("For each database the harness starts its own servers (temporary directories, unix "
+        "sockets, loopback), and for each configuration an **independent writer process** "
+        "that commits small writes (one INSERT, or INCR for Redis) as fast as it can and notes "
+        "when each commit completed (`time.monotonic()`: CLOCK_MONOTONIC, the same clock in "
+        "every process). With several targets the writer commits to them in turn, so it is "
+        "blocked whenever the target it is on is. A driver runs whole cycles as the Azure host "
+        "does: `sh <pre-script>`, a snapshot step of a fixed "
+        f"{step_ms:.0f} ms, `sh <post-script>`, noting when each script started and exited; "
+        f"{st['gap_s'] * 1000:.0f} ms pass between cycles, and one warm-up cycle per "
+        "configuration is not counted. No filesystem is frozen (the host would freeze them; "
+        "here the step is a sleep), so the figures are the databases' side of the cycle.")
+    add("")
+    add("* **quiesce**: the pre-/post-scripts generated by `quiesce install azure --root <tmp> "
+        "--log-dir <tmp>`, with a config of N targets (defaults: `timeout = 10`, "
+        f"`max_hold = {st['max_hold_s']}`, runtime directory on tmpfs).")
+    add("* **baseline**: `benchmarks/baseline/<kind>.sh pre|post`, POSIX sh, the way the best "
+        "public samples do it: one client per target kept connected on a FIFO whose write end "
+        "a keeper process holds open, the lock statement sent at pre, a marker after it awaited "
+        "(so exit 0 means locked), the release sent at post. The keeper's lifetime "
+        f"({st['max_hold_s']} s) is its watchdog.")
+    add("")
+    add("Figures (median / p95, milliseconds):")
+    add("")
+    add("* **freeze latency**: pre-script start → pre-script exit;")
+    add("* **thaw latency**: post-script start → the writer's first commit after it (with N "
+        "targets: until it has committed to every one of them);")
+    add(f"* **hold overhead**: the longest gap between two commits in the cycle, minus the "
+        f"{step_ms:.0f} ms step: how long writers waited beyond the snapshot itself.")
+    add("")
+    add("What a target is: SQLite — a database file; Redis, MariaDB — a server (CLIENT PAUSE, "
+        "BACKUP STAGE and FTWRL are server-wide, so N databases of one server are one target); "
+        "PostgreSQL — a cluster (CHECKPOINT and the backup API act on a cluster). N servers "
+        "start from one initialised data directory, copied. Durability settings chosen so the "
+        "writer commits every few microseconds to a few hundred: SQLite WAL with "
+        "`synchronous=NORMAL`; MariaDB `innodb_flush_log_at_trx_commit=2`, `sync_binlog=0`; "
+        "PostgreSQL `synchronous_commit=off`; Redis AOF `everysec`, no RDB save points (with "
+        "save points quiesce also saves under the pause, which the baseline does not). The "
+        "SQLite writer retries a locked database every 0.2 ms (SQLite has no lock queue and "
+        "its own busy handler backs off to 100 ms sleeps); the servers queue a blocked writer "
+        "and wake it when the lock goes.")
+    add("")
+    add("**PostgreSQL never blocks writers**, with quiesce or with the baseline: quiesce's "
+        "default `checkpoint` mode holds nothing (the snapshot is atomic; CHECKPOINT only "
+        "shortens recovery) and the backup API (`mode = \"backup\"`, and the baseline) does "
+        "not block writes. So thaw latency and hold overhead do not exist for it and are "
+        "reported as n/a; its freeze latency is still measured, for both modes, and the "
+        "verification table shows the writer committing through every snapshot step.")
+    add("")
+    add("## Freeze latency (ms)")
+    add("")
+    add("Pre-script start → exit.")
+    add("")
+    L.extend(figure_table(r, "freeze_ms"))
+    add("")
+    add("## Thaw latency (ms)")
+    add("")
+    add("Post-script start → the writer's next commit on every target.")
+    add("")
+    L.extend(figure_table(r, "thaw_ms", na_note="n/a (never blocks)"))
+    add("")
+    add("## Hold overhead (ms)")
+    add("")
+    add(f"Longest gap between commits in the cycle − the {step_ms:.0f} ms snapshot step.")
+    add("")
+    L.extend(figure_table(r, "hold_overhead_ms", na_note="n/a (never blocks)"))
+    add("")
+    growth = growth_table(r)
+    if growth:
+        add("## How the figures grow with the number of targets (medians, ms)")
+        add("")
+        L.extend(growth)
+        add("")
+    add("### Where the hold overhead goes")
+    add("")
+    add("The longest gap starts at the writer's last commit before the lock and ends at its "
+        "first commit after the release: (lock → pre-script exit) + step + thaw latency.")
+    add("")
+    L.extend(lead_table(r))
+    add("")
+    add("### quiesce's phases inside the holder (median ms, slowest target)")
+    add("")
+    L.extend(phases_table(r))
+    add("")
+    add("## Did the hold really hold?")
+    add("")
+    add("For every cycle the harness checks the writer's record: no commit may complete between "
+        "the pre-script's exit and the post-script's start (the snapshot step) when a lock is "
+        "held. This also verifies the baseline scripts really hold their lock across the window. "
+        "A commit the writer noted within 5 ms of the pre-script's exit counts as before it "
+        "(the writer reads the clock after the database returned and can be descheduled in "
+        "between; \"strict\" counts it anyway); a lock that does not hold lets thousands through.")
+    add("")
+    L.extend(verification_table(r))
+    add("")
+    s = r.get("stall")
+    add("## Bounded stall: MariaDB behind a long write")
+    add("")
+    if s:
+        add(f"A `{s['query_s']:g}`-second `UPDATE ... WHERE id = 1 AND SLEEP({s['query_s']:g}) = 0` "
+            "is running (it holds its table open for writing) when freeze is called; the same "
+            "writer commits to another table. FLUSH TABLES WITH READ LOCK must wait for the "
+            "UPDATE, and every new write queues behind the waiting FTWRL. The harness does not "
+            f"sit out the whole statement: {s['cap_s']:g} s into the baseline's pre-script it "
+            "kills the UPDATE, FTWRL then gets its lock and the cycle completes.")
+        add("")
+        L.extend(stall_table(s))
+        add("")
+        add("quiesce's default on MariaDB is BACKUP STAGE: BLOCK_COMMIT does not wait for "
+            "running statements, only blocks commits, so the long UPDATE does not delay the "
+            "freeze and writers are blocked for the usual hold only. With `strategy = \"ftwrl\"` "
+            "quiesce reads the process list first, sees a write running longer than "
+            "`long_query_threshold` (1 s) and refuses without ever queueing the lock (it retries "
+            "`lock_retries` times, a second apart, then fails; the host then takes a "
+            "file-system-consistent snapshot and says so): writers are never blocked. The naive "
+            "baseline blocks every writer from the moment FTWRL is sent until the long "
+            "statement ends, before the snapshot can even start.")
+    else:
+        add("Not run (MariaDB not available, or `--no-stall`).")
+    add("")
+    add("## Where quiesce is slower than the baseline, and why")
+    add("")
+    found = slower(r)
+    compared = sum(1 for metric in ("freeze_ms", "thaw_ms", "hold_overhead_ms")
+                   for _, _, q, b in pairs(r)
+                   if _median(q.get(metric)) is not None and b and _median(b.get(metric)) is not None)
+    if found and len(found) == compared:
+        one = [(_median(q.get("hold_overhead_ms")), _median(b.get("hold_overhead_ms")))
+               for _, n, q, b in pairs(r) if n == 1 and b and q.get("hold_overhead_ms")
+               and b.get("hold_overhead_ms")]
+        span = ""
+        if one:
+            qs, bs = [a for a, _ in one], [b for _, b in one]
+            span = (f": {min(qs):.0f}–{max(qs):.0f} ms per snapshot with one target, against "
+                    f"{min(bs):.0f}–{max(bs):.0f} ms for the baseline")
+        add(f"quiesce's median is higher than the baseline's on every figure, for every database "
+            f"and every number of targets ({compared} comparisons in the tables above). For "
+            f"writers, what matters is the hold overhead{span}. Why, and what would close "
+            f"each gap:")
+        add("")
+    elif found:
+        add("Rows where quiesce's median is higher:")
+        add("")
+        for name, label, n, qm, bm in found:
+            add(f"* {name}, {label}, {n} target(s): {qm:.1f} ms against {bm:.1f} ms")
+        add("")
+    else:
+        add("Nowhere in this run.")
+        add("")
+    wins = faster(r)
+    if wins:
+        add("Rows where quiesce's median is lower:")
+        add("")
+        for name, label, n, qm, bm in wins:
+            add(f"* {name}, {label}, {n} target(s): {qm:.1f} ms against {bm:.1f} ms")
+        add("")
+    L.extend(explanations(r))
+    add("")
+    add("### What the parts cost on this machine (median ms)")
+    add("")
+    add("| | ms |")
+    add("| --- | ---: |")
+    for label, ms in r.get("startup_ms", {}).items():
+        add(f"| {label} | {ms:.1f} |")
+    add("")
+    add("## Not measured here")
+    add("")
+    add("* A real snapshot: no filesystem is frozen and the step is a sleep, so nothing here "
+        "includes the host's own freeze, thaw and capture, nor its polling: Azure notices a "
+        "script's end only at its next poll (every second with the JSON quiesce installs), "
+        "which adds up to a second to every real hold, for quiesce and the baseline alike.")
+    add("* A cold first run: one warm-up cycle per configuration is discarded, so the "
+        "interpreter, the drivers and the clients come from the page cache; the first backup "
+        "after a boot pays their reads from disk once.")
+    add("* MySQL 8, MongoDB and PostgreSQL 18: no MySQL 8 or MongoDB server is installable "
+        "here, and PostgreSQL is measured on 15 only (its backup API does not block writers "
+        "in 18 either, so only the freeze latency could differ).")
+    add("* An idle machine: other work shared the CPUs during the run (see the load average "
+        "above); medians are robust to a few disturbed cycles, p95 less so.")
+    add("")
+    if r.get("skipped") or r.get("errors"):
+        add("### Skipped in this run")
+        add("")
+        for s_ in r.get("skipped", []):
+            add(f"* {s_['kind']}: skipped: {s_['reason']}")
+        for e in r.get("errors", []):
+            add(f"* {e['kind']}: harness error: {e['error']}")
+        add("")
+    problems = [(f, p) for f in r["figures"] for p in f.get("problems", [])]
+    if problems:
+        add("## Failed cycles")
+        add("")
+        for f, p in problems[:20]:
+            text = " ".join(str(p).split())[:400]
+            add(f"* {KIND_LABEL[f['kind']]}, {f['targets']} target(s), {f['label']}: {text}")
+        add("")
+    return "\n".join(L)

@@ -1,0 +1,287 @@
+"""`make bench`: how long quiesce blocks writers, beside a shell baseline, in one run.
+
+    python benchmarks/run.py                 # full: 1, 8 and 32 targets, bounded stall
+    python benchmarks/run.py --quick --output /tmp/x   # a few cycles, 1 target (tests)
+
+For SQLite, Redis, MariaDB and PostgreSQL (each started here, in temporary directories,
+on unix sockets and loopback only, and always stopped), an independent writer process
+commits as fast as it can while the driver runs whole snapshot cycles through the Azure
+pre-/post-scripts that `quiesce install azure` generated, and through a hand-written
+baseline script pair (benchmarks/baseline/). Figures: freeze latency, thaw latency, hold
+overhead, for 1, 8 and 32 targets, and the bounded stall on MariaDB behind a long
+statement. Results go to RESULTS.md and results.json in --output (default: benchmarks/);
+a full run into benchmarks/ also refreshes the table the README quotes.
+
+No filesystem is frozen: the snapshot step is a fixed sleep, and what is measured is the
+databases' side of the cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import harness  # noqa: E402
+import kinds  # noqa: E402
+import report  # noqa: E402
+import stall  # noqa: E402
+
+FULL_CYCLES = {1: 30, 8: 12, 32: 6}
+QUICK_CYCLES = 3
+STEP = 0.3          # seconds: the snapshot step
+GAP = 0.15          # seconds between cycles, so the writer runs freely in between
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="a few cycles, 1 target per kind, a short stall (well under a minute)")
+    p.add_argument("--output", type=Path, default=HERE, help="where RESULTS.md and results.json go")
+    p.add_argument("--kinds", default=",".join(kinds.KINDS),
+                   help="comma-separated subset of: " + ", ".join(kinds.KINDS))
+    p.add_argument("--targets", help="comma-separated target counts (default 1,8,32; quick: 1)")
+    p.add_argument("--cycles", type=int, help="cycles per configuration (default: 30 at N=1, "
+                                              "12 at N=8, 6 at N=32; quick: 3)")
+    p.add_argument("--step", type=float, default=STEP, help="snapshot step in seconds")
+    p.add_argument("--no-stall", dest="stall", action="store_false",
+                   help="skip the MariaDB bounded-stall scenario")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite RESULTS.md (and, for a full run in "
+                        "benchmarks/, the README table) from --output's results.json")
+    args = p.parse_args(argv)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = set(args.kinds) - set(kinds.KINDS)
+    if unknown:
+        p.error(f"unknown kind(s): {', '.join(sorted(unknown))}")
+    if args.targets:
+        args.targets = sorted({int(x) for x in args.targets.split(",")})
+    else:
+        args.targets = [1] if args.quick else sorted(FULL_CYCLES)
+    return args
+
+
+def cycles_for(args, n: int) -> int:
+    if args.cycles:
+        return args.cycles if n == 1 else max(3, args.cycles * FULL_CYCLES.get(n, 6) // 30)
+    if args.quick:
+        return QUICK_CYCLES
+    return FULL_CYCLES.get(n, 6)
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not available"
+    return ((proc.stdout or proc.stderr).strip().splitlines() or ["?"])[0]
+
+
+def _load() -> str:
+    """The 1-, 5- and 15-minute load averages: other work on the machine skews the figures."""
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine() -> dict:
+    cpu_model = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    distro = "?"
+    try:
+        for line in open("/etc/os-release"):
+            if line.startswith("PRETTY_NAME="):
+                distro = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+        quiesce_version = version("quiesce")
+    except Exception:
+        quiesce_version = "?"
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                                "core", "adapters"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        commit = f"{commit}{' + uncommitted changes in core/ or adapters/' if dirty else ''}"
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "?"
+    return {
+        "cpus": os.cpu_count(), "cpu_model": cpu_model, "memory": mem,
+        "kernel": platform.release(), "os": distro, "load_start": _load(),
+        "python": f"{platform.python_implementation()} {platform.python_version()} "
+                  f"({sys.executable})",
+        "quiesce": f"{quiesce_version} (git {commit})",
+        "clients": {"sh": os.path.realpath("/bin/sh"),
+                    "sqlite3": _first_line(["sqlite3", "-version"]),
+                    "mariadb": _first_line(["mariadb", "--version"]),
+                    "psql": _first_line([str(kinds.servers.PG15_BINDIR / "psql"), "--version"]),
+                    "redis-cli": _first_line(["redis-cli", "--version"])},
+    }
+
+
+def startup_costs(repeat: int) -> dict:
+    """What the parts of a script cost here: the floor under freeze and thaw latency."""
+    py = sys.executable
+    thaw_py = str(ROOT / "core" / "thaw.py")
+    probes = {
+        "sh -c : (a shell script's own start)": ["sh", "-c", ":"],
+        "python -I -S -B -c pass (bare interpreter)": [py, "-I", "-S", "-B", "-c", "pass"],
+        "python -I -S -B -c import json, socket (the lean client's first imports)":
+            [py, "-I", "-S", "-B", "-c", "import json, socket"],
+        "lean thaw client, nothing held (the post-script's python)":
+            [py, "-I", "-S", "-B", thaw_py, "--config", "/nonexistent/quiesce.toml"],
+        "python -B -m quiesce --version (CLI: click, pluggy)": [py, "-B", "-m", "quiesce", "--version"],
+        "import the drivers (psycopg, pymysql, redis)":
+            [py, "-B", "-c", "import psycopg, pymysql, redis"],
+    }
+    out = {}
+    env = harness.script_env()
+    for label, argv in probes.items():
+        times = []
+        for _ in range(repeat + 1):
+            start = time.monotonic()
+            subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            times.append(time.monotonic() - start)
+        out[label] = round(statistics.median(times[1:]) * 1000, 1)
+    return out
+
+
+def finite(obj):
+    """The results with every NaN or infinity replaced by None (JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def update_readme(markdown_table: str) -> bool:
+    """Replace the table between the bench markers in README.md (if the markers exist)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{markdown_table}\n{end}{tail}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    out_dir = args.output.resolve()
+    if args.report_only:
+        results = json.loads((out_dir / "results.json").read_text())
+        (out_dir / "RESULTS.md").write_text(report.render(results))
+        print(f"wrote {out_dir / 'RESULTS.md'} from {out_dir / 'results.json'}")
+        if results["mode"] == "full" and out_dir == HERE.resolve() and not results["errors"]:
+            if update_readme(report.readme_table(results)):
+                print("updated the table in README.md")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mode = "quick" if args.quick else "full"
+    print(f"quiesce benchmarks ({mode}): kinds {', '.join(args.kinds)}; targets "
+          f"{', '.join(map(str, args.targets))}; results in {out_dir}", flush=True)
+    results: dict = {
+        "schema": 1, "mode": mode,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "versions": {},
+        "settings": {"step_s": args.step, "gap_s": GAP, "max_hold_s": harness.MAX_HOLD,
+                     "targets": args.targets, "warmup_cycles": 1,
+                     "cycles": {str(n): cycles_for(args, n) for n in args.targets}},
+        "startup_ms": {}, "figures": [], "stall": None, "skipped": [], "errors": [],
+    }
+    results["startup_ms"] = startup_costs(3 if args.quick else 10)
+    work = Path(tempfile.mkdtemp(prefix="quiesce-bench-"))
+    shm_base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else work
+    shm_root = Path(tempfile.mkdtemp(prefix="quiesce-bench-", dir=shm_base))
+    try:
+        for name in args.kinds:
+            cls = kinds.KINDS[name]
+            reason = cls.missing()
+            if reason:
+                results["skipped"].append({"kind": name, "reason": reason})
+                print(f"  {name:<10} skipped: {reason}", flush=True)
+                continue
+            (work / name).mkdir()
+            kind = cls(work / name)
+            try:
+                started = time.monotonic()
+                kind.start(max(args.targets))
+                results["versions"][name] = kind.version()
+                print(f"  {name:<10} {max(args.targets)} target(s) ready in "
+                      f"{time.monotonic() - started:.1f} s", flush=True)
+                for n in args.targets:
+                    for variant in kind.variants():
+                        fig = harness.measure(kind, variant, n, cycles_for(args, n), args.step,
+                                              GAP, work, shm_root,
+                                              progress=lambda s: print(s, flush=True))
+                        results["figures"].append(fig.as_dict())
+                if name == "mariadb" and args.stall:
+                    results["stall"] = stall.run_stall(
+                        kind, query_s=8 if args.quick else 60, cap_s=1.0 if args.quick else 10.0,
+                        step=args.step, workdir=work, shm_root=shm_root, quick=args.quick,
+                        progress=lambda s: print(s, flush=True))
+            except Exception as e:
+                traceback.print_exc()
+                results["errors"].append({"kind": name, "error": f"{type(e).__name__}: {e}"})
+            finally:
+                kind.cleanup()
+    finally:
+        shutil.rmtree(shm_root, ignore_errors=True)
+        if os.environ.get("QUIESCE_KEEP_BENCH_DIRS") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+    results["duration_s"] = round(time.monotonic() - began, 1)
+    results["machine"]["load_end"] = _load()
+    results = finite(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    (out_dir / "RESULTS.md").write_text(report.render(results))
+    print(f"wrote {out_dir / 'RESULTS.md'} and {out_dir / 'results.json'} "
+          f"({results['duration_s']:.0f} s)", flush=True)
+    if mode == "full" and out_dir == HERE.resolve() and not results["errors"]:
+        if update_readme(report.readme_table(results)):
+            print("updated the table in README.md", flush=True)
+    for error in results["errors"]:
+        print(f"ERROR: {error['kind']}: {error['error']}", file=sys.stderr)
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
