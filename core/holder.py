@@ -42,7 +42,8 @@ from .errors import BusyError, ConfigError
 from .phases import Outcome, call, hard_limit, run_phase
 from .plugins import Adapters
 from .target import Hold
-from .thaw import LOCK_NAME, SOCKET_NAME, read_state, thaw_requested_since, write_state
+from .thaw import (FIFO_NAME, LOCK_NAME, SOCKET_NAME, STATE_NAME, read_state,
+                   thaw_requested_since, write_state)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,24 @@ ANSWER_GRACE = 10.0     # how long it waits for a thaw reply to be sent before e
 THAW_STAGGER = 1.0      # longest one target's release may delay the next one's
 SENTINEL_GRACE = 5.0    # how long after the deadline the stand-in watchdog acts
 
-# The stand-in watchdog: sleeps without importing anything, then runs an orphan thaw.
-_SENTINEL = ("import os, sys, time\n"
-             "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
-             "os.execv(sys.executable, [sys.executable, '-B', '-P', '-m', 'quiesce', '--config',"
-             " sys.argv[2], 'thaw', '--orphaned'])\n")
+# The stand-in watchdog. Started before the targets are quiesced, it learns the deadline
+# from the state file once the holder records it (re-read every second; tmpfs), falls
+# back to the latest possible one, then runs an orphan thaw.
+_SENTINEL = """
+import json, os, sys, time
+state, latest, grace = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+while True:
+    try:
+        with open(state) as f:
+            deadline = json.load(f).get("deadline") or latest
+    except (OSError, ValueError):
+        deadline = latest
+    if time.time() >= deadline + grace:
+        break
+    time.sleep(min(1.0, deadline + grace - time.time()))
+os.execv(sys.executable, [sys.executable, "-B", "-P", "-m", "quiesce", "--config",
+                          sys.argv[4], "thaw", "--orphaned"])
+"""
 
 
 def prepare_runtime_dir(path: str) -> None:
@@ -138,6 +152,10 @@ class Holder:
 
     def _freeze(self) -> bool:
         targets = self.config.targets
+        # Started before anything is held, so the hold never pays for its fork and exec.
+        # It acts after the latest possible watchdog deadline: phases, then max_hold.
+        latest = time.time() + 3 * max(hard_limit(t) for t in targets) + self.config.max_hold
+        self.sentinel = _start_sentinel(self.config, latest)
         for hook in ("check", "flush"):
             self.state["phase"] = hook
             results = run_phase(self.adapters, hook, targets)
@@ -150,7 +168,6 @@ class Holder:
         self.state["held_since"] = time.time()
         self.state["deadline"] = self.state["held_since"] + self.config.max_hold
         self._save()
-        self.sentinel = _start_sentinel(self.config, self.state["deadline"])
         results = run_phase(self.adapters, "quiesce", targets)
         for target, (outcome, hold) in zip(targets, results):
             entry = self._target_state(target.name)
@@ -247,6 +264,20 @@ class Holder:
         server.listen(8)
         return server
 
+    def _watch_fifo(self) -> None:
+        """Release on the first line written to the thaw FIFO (the post-script's printf)."""
+        try:
+            os.unlink(FIFO_NAME)
+        except FileNotFoundError:
+            pass
+        os.mkfifo(FIFO_NAME, 0o600)
+        fd = os.open(FIFO_NAME, os.O_RDWR)  # read-write: never sees EOF, never blocks a writer
+        while os.read(fd, 64):
+            log.info("thaw requested through %s", FIFO_NAME)
+            self.cancel.set()
+            self.freeze_done.wait()
+            self.release("thaw")
+
     def _serve(self, server: socket.socket) -> None:
         while True:
             conn, _ = server.accept()
@@ -296,6 +327,7 @@ class Holder:
             self._save()
             server = self._listen()
             threading.Thread(target=self._serve, args=(server,), daemon=True).start()
+            threading.Thread(target=self._watch_fifo, daemon=True).start()
             if not self._freeze():
                 failed = [o for o in self.state["targets"] if o["status"] == "failed"]
                 reason = ("thaw came while freeze was still quiescing: the snapshot was not "
@@ -327,22 +359,25 @@ class Holder:
                 self.sentinel.kill()  # we released everything: no stand-in needed
                 self.sentinel.wait()
             memory.flush()  # the targets are released: the disk may be written now
-            try:
-                os.unlink(SOCKET_NAME)
-            except OSError:
-                pass
+            for name in (SOCKET_NAME, FIFO_NAME):
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
 
 
-def _start_sentinel(config: Config, deadline: float) -> subprocess.Popen | None:
+def _start_sentinel(config: Config, latest: float) -> subprocess.Popen | None:
     """A process that plays the watchdog if the holder dies holding server-kept states.
 
     A MongoDB fsync lock has no server-side deadline: if the holder were killed and no
     thaw came, the server would stay locked. The sentinel wakes shortly after the
-    deadline and, only if no holder is alive, releases what is recorded as held.
+    deadline (*latest* until the holder records it) and, only if no holder is alive,
+    releases what is recorded as held.
     """
     try:
         return subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _SENTINEL,
-                                 str(deadline + SENTINEL_GRACE), config.path],
+                                 os.path.join(os.path.abspath(config.runtime_dir), STATE_NAME),
+                                 str(latest), str(SENTINEL_GRACE), config.path],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
     except OSError as e:

@@ -44,7 +44,7 @@ def settings_for(config: Config, *, log_dir: str = DEFAULT_LOG_DIR,
     from . import thaw
     return InstallSettings(config=os.path.abspath(config.path), python=python,
                            thaw_script=os.path.abspath(thaw.__file__),
-                           log_dir=os.path.abspath(log_dir),
+                           log_dir=os.path.abspath(log_dir), runtime_dir=config.runtime_dir,
                            freeze_timeout=freeze_budget(config), max_hold=config.max_hold)
 
 

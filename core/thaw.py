@@ -23,6 +23,9 @@ DEFAULT_CONFIG = "/etc/quiesce/quiesce.toml"
 DEFAULT_RUNTIME_DIR = "/run/quiesce"
 ENV_CONFIG = "QUIESCE_CONFIG"
 SOCKET_NAME = "holder.sock"
+#: The post-script writes a line here with the shell's printf before Python starts, so
+#: the holder starts releasing a few milliseconds into the post-script.
+FIFO_NAME = "thaw.fifo"
 STATE_NAME = "state.json"
 LOCK_NAME = "lock"
 THAW_REQUEST_NAME = "thaw-requested"
@@ -189,6 +192,10 @@ def thaw_via_holder(runtime_dir: str, *, timeout: float = 300.0) -> tuple[dict |
     report = request(runtime_dir, "thaw", timeout=timeout)
     if report is not None:
         return report, False
+    try:  # no holder reads it any more: never let lines pile up in it
+        os.unlink(os.path.join(runtime_dir, FIFO_NAME))
+    except OSError:
+        pass
     note_thaw_request(runtime_dir)
     if freeze_in_progress(runtime_dir):
         return {"ok": False, "action": "freeze-in-progress", "outcomes": [],

@@ -47,6 +47,7 @@ class InstallSettings:
     python: str               # absolute interpreter path (never a PATH lookup or a shim)
     thaw_script: str          # absolute path of quiesce/thaw.py, for the lean post-script
     log_dir: str              # where the scripts send their output
+    runtime_dir: str          # the holder's runtime directory (its thaw FIFO)
     freeze_timeout: float     # longest `quiesce freeze` may take for this config
     max_hold: float
 

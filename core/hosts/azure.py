@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..thaw import FIFO_NAME
 from . import Host, HostFile, InstallSettings, Verdict
 
 CONFIG_JSON = "/etc/azure/VMSnapshotScriptPluginConfig.json"
@@ -149,10 +150,14 @@ class AzureHost(Host):
                "umask 077\n"
                f"exec </dev/null >>{q(settings.log_dir + '/azure-pre-script.log')} 2>&1\n"
                f"exec {q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze\n")
+        fifo = q(f"{settings.runtime_dir}/{FIFO_NAME}")
         post = (f"#!/bin/sh\n{header}"
-                "# Release every target. The report is held in memory until the targets are\n"
-                "# released, so nothing here writes to a disk before they are.\n"
+                "# Release every target. The shell's printf tells the holder at once (the FIFO\n"
+                "# is on tmpfs; opened read-write it never blocks); Python then fetches the\n"
+                "# report, held in memory until the targets are released, so nothing here\n"
+                "# writes to a disk before they are.\n"
                 "umask 077\n"
+                f"[ -p {fifo} ] && printf 'thaw\\n' 1<>{fifo}\n"
                 f"report=$({q(settings.python)} -I -S -B {q(settings.thaw_script)} "
                 f"--config {q(settings.config)} </dev/null 2>&1)\n"
                 "status=$?\n"

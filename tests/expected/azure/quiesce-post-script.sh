@@ -3,9 +3,12 @@
 # change @TMP@/quiesce.toml and run `quiesce install azure` again.
 # The host runs `sh <this file>` as root, ignores the shebang, never reads
 # our output, and does not kill us at its timeout.
-# Release every target. The report is held in memory until the targets are
-# released, so nothing here writes to a disk before they are.
+# Release every target. The shell's printf tells the holder at once (the FIFO
+# is on tmpfs; opened read-write it never blocks); Python then fetches the
+# report, held in memory until the targets are released, so nothing here
+# writes to a disk before they are.
 umask 077
+[ -p @TMP@/run/thaw.fifo ] && printf 'thaw\n' 1<>@TMP@/run/thaw.fifo
 report=$(@PYTHON@ -I -S -B @THAW@ --config @TMP@/quiesce.toml </dev/null 2>&1)
 status=$?
 printf '%s\n' "$report" >>@TMP@/log/azure-post-script.log
