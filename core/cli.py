@@ -14,6 +14,8 @@ import click
 from . import thaw as lean
 from .errors import QuiesceError
 
+DEFAULT_LOG_DIR = "/var/log/quiesce"
+
 EXIT_CODES = """\b
 Exit codes:
   0  success (freeze: every target held; thaw: every hold covered the window)
@@ -24,8 +26,12 @@ Exit codes:
 
 class Context:
     def __init__(self, config: str | None, verbose: bool):
-        self.config_path = lean.config_path(config)
+        # Absolute: the holder and its sentinel run from another directory.
+        self.config_path = os.path.abspath(lean.config_path(config))
         self.verbose = verbose
+        #: Set by commands that may run while disks are frozen (thaw): log to memory until
+        #: the targets are released, then call write_log().
+        self.write_log = None
 
     @functools.cached_property
     def adapters(self):
@@ -39,8 +45,16 @@ class Context:
     def config(self):
         from . import config, logs
         loaded = config.load(self.config_path, self.adapters)
-        logs.setup(loaded.log_file, verbose=self.verbose)
+        if self.write_log is None:
+            logs.setup(loaded.log_file, verbose=self.verbose)
+        else:
+            self.write_log = logs.buffer_until_released(loaded.log_file, verbose=self.verbose,
+                                                        console=True)
         return loaded
+
+    def runtime_dir(self) -> str:
+        """From the config file without loading adapters; the full check if that fails."""
+        return lean.runtime_dir_of(self.config_path) or self.config.runtime_dir
 
 
 def command(fn):
@@ -51,22 +65,35 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except QuiesceError as e:
-            if ctx.verbose:
-                traceback.print_exc()
-            click.echo(f"quiesce: error: {e}", err=True)
-            sys.exit(e.exit_code)
+            fail(ctx, str(e), e.exit_code)
+        except OSError as e:  # permissions, a missing directory: one line, not a traceback
+            where = f": {e.filename}" if e.filename else ""
+            hint = "; run quiesce as root" if isinstance(e, PermissionError) else ""
+            fail(ctx, f"{e.strerror or e}{where}{hint}", 1)
     return wrapper
 
 
+def fail(ctx: Context, message: str, code: int) -> None:
+    if ctx.verbose:
+        traceback.print_exc()
+    click.echo(f"quiesce: error: {message}", err=True)
+    sys.exit(code)
+
+
 def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False) -> None:
+    """Print the report and exit with its code.
+
+    *fast_exit* skips the interpreter's teardown: after freeze the host waits for the
+    pre-script's exit while the databases are already held, and after a hook call that
+    overran its limit, joining the abandoned thread could take forever.
+    """
     import logging
     logging.getLogger("quiesce.cli").info("%s: %s", report.get("action", "report"),
                                           report.get("message", ""))
     lean.emit(report, as_json=as_json, started=started)
     code = lean.report_exit_code(report)
     if fast_exit:
-        # Skip the interpreter's teardown (tens of ms): the host starts the snapshot only
-        # when the pre-script exits, and the databases are already held meanwhile.
+        sys.stderr.flush()
         logging.shutdown()
         os._exit(code)
     sys.exit(code)
@@ -135,7 +162,7 @@ def check(obj: Context, as_json: bool) -> None:
     message = (f"{len(outcomes)} target(s) ready to freeze" if ok
                else f"not ready: {', '.join(failed)} failed the check")
     emit({"ok": ok, "action": "check", "message": message, "outcomes": outcomes},
-         as_json, started)
+         as_json, started, fast_exit=True)
 
 
 @cli.command()
@@ -153,9 +180,11 @@ def freeze(obj: Context, as_json: bool) -> None:
     # The lock first, before adapters load: a thaw that comes meanwhile sees a freeze
     # is starting, leaves a note, and this freeze releases everything when it sees it.
     runtime_dir = lean.runtime_dir_of(obj.config_path)
-    prepare_runtime_dir(runtime_dir)
-    lock_fd = take_lock(runtime_dir)
-    if obj.config.runtime_dir != runtime_dir:  # cannot differ, but never hold the wrong lock
+    lock_fd = None
+    if runtime_dir:  # unreadable or relative: the config check below says what is wrong
+        prepare_runtime_dir(runtime_dir)
+        lock_fd = take_lock(runtime_dir)
+    if runtime_dir and obj.config.runtime_dir != runtime_dir:
         raise QuiesceError(f"runtime_dir changed while loading {obj.config_path}")
     report = start(obj.config, obj.adapters, lock_fd=lock_fd, started=started_at)
     emit(report, as_json, started, fast_exit=True)
@@ -174,6 +203,7 @@ def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
     states are released from the record on tmpfs. A second thaw is a no-op that says so.
     """
     started = time.monotonic()
+    obj.write_log = lambda: None  # buffered: disks may still be frozen
     if orphaned:
         from .errors import BusyError
         from .holder import recover
@@ -181,12 +211,19 @@ def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
             report = recover(obj.config, obj.adapters, orphaned=True)
         except BusyError:
             return  # the holder is alive: its own watchdog is in charge
-        emit(report, as_json, started)
-    report, needs_recovery = lean.thaw_via_holder(lean.runtime_dir_of(obj.config_path))
+    else:
+        report = release_all(obj)
+    obj.write_log()
+    emit(report, as_json, started, fast_exit=True)
+
+
+def release_all(obj: Context) -> dict:
+    """Thaw through the holder, or, with none alive, release what is recorded as held."""
+    report, needs_recovery = lean.thaw_via_holder(obj.runtime_dir())
     if needs_recovery:
         from .holder import recover
         report = recover(obj.config, obj.adapters)
-    emit(report, as_json, started)
+    return report
 
 
 @cli.command()
@@ -196,7 +233,7 @@ def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
 def status(obj: Context, as_json: bool) -> None:
     """Show whether anything is held, since when, and the watchdog deadline."""
     started = time.monotonic()
-    runtime_dir = lean.runtime_dir_of(obj.config_path)
+    runtime_dir = obj.runtime_dir()
     state = lean.request(runtime_dir, "status", timeout=5.0) or lean.read_state(runtime_dir)
     if state is None:
         report = {"ok": True, "held": False, "message": "nothing held; no freeze recorded"}
@@ -237,7 +274,7 @@ def _host(name: str, root: str):
 @cli.command()
 @host_argument
 @root_option
-@click.option("--log-dir", default="/var/log/quiesce", show_default=True,
+@click.option("--log-dir", default=DEFAULT_LOG_DIR, show_default=True,
               help="Where the generated scripts write their output.")
 @click.option("--force", is_flag=True, help="Replace files quiesce did not write (backed up first).")
 @json_option
@@ -316,7 +353,8 @@ def doctor(obj: Context, host: str, root: str, as_json: bool) -> None:
             click.echo(f"{mark}  {f['check']}: {f['message']}")
         click.echo("the next backup would be application-consistent" if ok else
                    "the next backup would NOT be application-consistent (see FAIL above)")
-    sys.exit(0 if ok else 1)
+    sys.stdout.flush()
+    os._exit(0 if ok else 1)  # a target check that overran its limit must not hold us
 
 
 @cli.command()
@@ -372,7 +410,7 @@ def rehearse(obj: Context, host: str, root: str, freeze_mounts, allow_root_freez
 
 def _holds(config_path: str, since: float) -> list[dict]:
     """How long each target was held in this rehearsal, from the holder's record."""
-    state = lean.read_state(lean.runtime_dir_of(config_path)) or {}
+    state = lean.read_state(lean.runtime_dir_of(config_path) or "/nonexistent") or {}
     if not state.get("held_since") or not state.get("released_at") \
             or state.get("started_at", 0) < since:
         return []  # no freeze ran in this rehearsal
@@ -409,10 +447,7 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
         click.echo(f"quiesce: error: cannot run {snapshot_command[0]}: {e}", err=True)
         command_status = 127
     finally:
-        report, needs_recovery = lean.thaw_via_holder(obj.config.runtime_dir)
-        if needs_recovery:
-            from .holder import recover
-            report = recover(obj.config, obj.adapters)
+        report = release_all(obj)
     report["command_status"] = command_status
     lean.emit(report, as_json=as_json, started=started)
     sys.exit(command_status or lean.report_exit_code(report))

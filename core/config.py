@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError, QuiesceError
 from .plugins import Adapters
@@ -39,17 +39,21 @@ class Config:
     timeout: float = DEFAULT_TIMEOUT
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     log_file: str | None = DEFAULT_LOG_FILE
-    raw: dict = field(default_factory=dict, repr=False)
 
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
 
 
+#: Upper bounds: a day of hold, an hour per step; TOML also allows nan and inf.
+_LIMITS = {"max_hold": 86400.0, "timeout": 3600.0}
+
+
 def _number(data: dict, key: str, default: float, path: str, *, where: str = "") -> float:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"expected a number of seconds greater than 0, got {value!r}",
-                          file=path, key=f"{where}{key}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value <= _LIMITS[key]:
+        raise ConfigError(f"expected a number of seconds above 0 and at most "
+                          f"{_LIMITS[key]:g}, got {value!r}", file=path, key=f"{where}{key}")
     return float(value)
 
 
@@ -102,7 +106,7 @@ def parse(path: str, text: str) -> Config:
         targets.append(Target(name=name, kind=kind, settings=settings, timeout=target_timeout,
                               max_hold=max_hold, config_file=path))
     return Config(path=path, targets=targets, max_hold=max_hold, timeout=timeout,
-                  runtime_dir=runtime_dir, log_file=log_file or None, raw=data)
+                  runtime_dir=runtime_dir, log_file=log_file or None)
 
 
 def validate_targets(config: Config, adapters: Adapters) -> None:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 30.0      # how long the holder waits for freeze to acknowledge "ready"
 ANSWER_GRACE = 10.0     # how long it waits for a thaw reply to be sent before exiting
+EARLY_THAW = "thaw came before freeze had finished, so the snapshot was not covered"
 THAW_STAGGER = 1.0      # longest one target's release may delay the next one's
 SENTINEL_GRACE = 5.0    # how long after the deadline the stand-in watchdog acts
 
@@ -61,12 +62,13 @@ state, latest, grace = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 while True:
     try:
         with open(state) as f:
-            deadline = json.load(f).get("deadline") or latest
-    except (OSError, ValueError):
+            deadline = float(json.load(f).get("deadline") or latest)
+    except Exception:  # missing, half-written or odd: never let the safety net die
         deadline = latest
-    if time.time() >= deadline + grace:
+    wait = deadline + grace - time.time()
+    if wait <= 0:
         break
-    time.sleep(min(1.0, deadline + grace - time.time()))
+    time.sleep(min(1.0, wait))
 os.execv(sys.executable, [sys.executable, "-B", "-P", "-m", "quiesce", "--config",
                           sys.argv[4], "thaw", "--orphaned"])
 """
@@ -102,10 +104,11 @@ def take_lock(runtime_dir: str) -> int:
 
 class Holder:
     def __init__(self, config: Config, adapters: Adapters, *, report_fd: int, ack_fd: int,
-                 lock_fd: int, started: float):
+                 started: float):
         self.config, self.adapters = config, adapters
         self.runtime_dir = config.runtime_dir
-        self.report_fd, self.ack_fd, self.lock_fd = report_fd, ack_fd, lock_fd
+        self.report_fd, self.ack_fd = report_fd, ack_fd
+        self.deadline = float("inf")  # monotonic: a clock step never stretches a hold
         self.holds: dict[str, Hold] = {}
         self.cancel = threading.Event()      # a thaw came before freeze finished
         self.freeze_done = threading.Event()
@@ -134,7 +137,7 @@ class Holder:
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
-            os.write(self.report_fd, json.dumps(message).encode() + b"\n")
+            os.write(self.report_fd, json.dumps(message, default=str).encode() + b"\n")
         except OSError:
             pass  # freeze is gone; the ack check will notice
 
@@ -167,6 +170,7 @@ class Holder:
             t["status"] = "quiescing"  # recorded first: a crash-thaw must release these
         self.state["held_since"] = time.time()
         self.state["deadline"] = self.state["held_since"] + self.config.max_hold
+        self.deadline = time.monotonic() + self.config.max_hold
         self._save()
         results = run_phase(self.adapters, "quiesce", targets)
         for target, (outcome, hold) in zip(targets, results):
@@ -175,8 +179,10 @@ class Holder:
                 hold = hold if isinstance(hold, Hold) else Hold()
                 self.holds[target.name] = hold
                 entry.update(status="held", session_bound=hold.session_bound, facts=hold.facts)
-            else:
+            elif not outcome.abandoned:
                 entry["status"] = "failed"
+            # an abandoned quiesce stays "quiescing": it may still take its lock, and the
+            # sentinel or the next thaw must then release it
         self._save()
         self._send({"type": "progress", "outcomes": [o.as_dict() for o, _ in results]})
         return all(o.ok for o, _ in results) and not self._thaw_came()
@@ -208,7 +214,7 @@ class Holder:
                                  if ok else "released, but not every target was held to the end")
             self.state.update(phase="released", released_by=by, released_at=now,
                               outcomes=[o.as_dict() for o in outcomes], message=message,
-                              acknowledged=by in {"thaw", "freeze-failed"})
+                              acknowledged=by == "freeze-failed")
             self._save()
             self.report = {"ok": ok, "action": "thawed", "released_by": by,
                            "held_for": round(held_for, 3), "message": message,
@@ -264,6 +270,13 @@ class Holder:
         server.listen(8)
         return server
 
+    def _thaw_request(self) -> dict[str, Any]:
+        """A thaw came (socket or FIFO): release once freeze is done, honestly labelled."""
+        early = not self.freeze_done.is_set()
+        self.cancel.set()
+        self.freeze_done.wait()
+        return self.release("thaw", EARLY_THAW if early else None)
+
     def _watch_fifo(self) -> None:
         """Release on the first line written to the thaw FIFO (the post-script's printf)."""
         try:
@@ -274,13 +287,16 @@ class Holder:
         fd = os.open(FIFO_NAME, os.O_RDWR)  # read-write: never sees EOF, never blocks a writer
         while os.read(fd, 64):
             log.info("thaw requested through %s", FIFO_NAME)
-            self.cancel.set()
-            self.freeze_done.wait()
-            self.release("thaw")
+            self._thaw_request()
 
     def _serve(self, server: socket.socket) -> None:
         while True:
-            conn, _ = server.accept()
+            try:
+                conn, _ = server.accept()
+            except OSError as e:  # e.g. EMFILE: keep serving rather than die
+                log.warning("control socket: %s", e)
+                time.sleep(0.1)
+                continue
             with conn:
                 try:
                     self._answer(conn)
@@ -296,15 +312,13 @@ class Holder:
         conn.settimeout(5.0)
         op = json.loads(conn.makefile("rb").readline() or b"{}").get("op")
         if op == "thaw":
-            self.cancel.set()
-            self.freeze_done.wait()
-            report = self.release("thaw")
-            conn.sendall(json.dumps(report).encode())
-            self.state["acknowledged"] = True
+            report = self._thaw_request()
+            conn.sendall(json.dumps(report, default=str).encode())
+            self.state["acknowledged"] = True  # only now has a thaw told the operator
             self._save()
             self.answered.set()
         elif op == "status":
-            conn.sendall(json.dumps(self._status_report()).encode())
+            conn.sendall(json.dumps(self._status_report(), default=str).encode())
 
     def _status_report(self) -> dict[str, Any]:
         return {"ok": True, "alive": True, **self.state}
@@ -312,7 +326,7 @@ class Holder:
     # -- main --------------------------------------------------------------------
 
     def run(self) -> int:
-        memory = logs.buffer_until_released(self.config.log_file)
+        write_log = logs.buffer_until_released(self.config.log_file)
         try:  # so `ps -o comm` and `pgrep quiesce-holder` tell it from a freeze (procfs, not disk)
             with open("/proc/self/comm", "w") as f:
                 f.write("quiesce-holder")
@@ -329,36 +343,42 @@ class Holder:
             threading.Thread(target=self._serve, args=(server,), daemon=True).start()
             threading.Thread(target=self._watch_fifo, daemon=True).start()
             if not self._freeze():
-                failed = [o for o in self.state["targets"] if o["status"] == "failed"]
-                reason = ("thaw came while freeze was still quiescing: the snapshot was not "
-                          "covered" if self.cancel.is_set() and not failed else None)
-                self.release("thaw" if reason else "freeze-failed", reason)
+                early = self.cancel.is_set()
+                self.release("thaw" if early else "freeze-failed", EARLY_THAW if early else None)
                 self._send({"type": "failed", "report": self.report})
                 return 1
             if not self._handshake():
                 self.release("freeze-died", "the freeze command died before it reported "
                                             "ready, so no hold was promised")
                 return 1
+            if self.cancel.is_set():  # a thaw came while we waited for the ack
+                self.release("thaw", EARLY_THAW)
             self.freeze_done.set()
             while not self.released.wait(timeout=0.2):
                 if self.signalled:
                     self.release("signal", f"the holder received {self.signalled} and "
                                            f"released every target before thaw came")
-                elif time.time() >= self.state["deadline"]:
+                elif time.monotonic() >= self.deadline:
                     self.release("watchdog", f"the watchdog released it after max_hold "
                                              f"({self.config.max_hold:g} s), before thaw came")
+                elif self._thaw_came():  # a thaw that could not reach the socket left a note
+                    self.release("thaw")
             self.answered.wait(timeout=ANSWER_GRACE if self.state["released_by"] == "thaw" else 0)
             return 0
         finally:
             self.freeze_done.set()
             if self.cancel.is_set():  # a thaw client is waiting for its answer
                 self.answered.wait(timeout=ANSWER_GRACE)
-            if self.report is None and self.holds:
-                self.release("holder-error", "the holder failed and released every target")
-            if self.sentinel is not None:
-                self.sentinel.kill()  # we released everything: no stand-in needed
-                self.sentinel.wait()
-            memory.flush()  # the targets are released: the disk may be written now
+            try:
+                if self.report is None and self.holds:
+                    self.release("holder-error", "the holder failed and released every target")
+                pending = [t for t in self.state["targets"]
+                           if t["status"] in {"held", "quiescing"}]
+                if self.sentinel is not None and not pending:
+                    self.sentinel.kill()  # nothing left that a stand-in would have to release
+                    self.sentinel.wait()
+            finally:
+                write_log()  # the targets are released: the disk may be written now
             for name in (SOCKET_NAME, FIFO_NAME):
                 try:
                     os.unlink(name)
@@ -397,6 +417,11 @@ def _redirect_stdio() -> None:
     os.close(devnull)
 
 
+def freeze_budget(config: Config) -> float:
+    """The longest `quiesce freeze` waits: three phases at the hard limit, then the ack."""
+    return 3 * max(hard_limit(t) for t in config.targets) + ACK_TIMEOUT
+
+
 def start(config: Config, adapters: Adapters, *, lock_fd: int | None = None,
           started: float | None = None, on_progress=None) -> dict[str, Any]:
     """Fork the holder and wait until it holds every target (or failed); the freeze.
@@ -421,17 +446,18 @@ def start(config: Config, adapters: Adapters, *, lock_fd: int | None = None,
             os.close(ack_w)
             os.chdir(config.runtime_dir)  # never keep a frozen filesystem as cwd
             _redirect_stdio()  # never hold the host's pipes open
+            # lock_fd stays open in this process: the lock lives exactly as long as we do
             code = Holder(config, adapters, report_fd=report_w, ack_fd=ack_r,
-                          lock_fd=lock_fd, started=started).run()
+                          started=started).run()
         except BaseException:
             log.exception("holder crashed")
+            logging.shutdown()
         finally:
             os._exit(code)
     os.close(report_w)
     os.close(ack_r)
     os.close(lock_fd)  # the holder's copy keeps the lock
-    limit = 3 * max(hard_limit(t) for t in config.targets) + ACK_TIMEOUT
-    deadline = time.monotonic() + limit
+    deadline = time.monotonic() + freeze_budget(config)
     outcomes: list[dict[str, Any]] = []
     final = None
     pending = b""
@@ -491,43 +517,22 @@ def recover(config: Config, adapters: Adapters, *, orphaned: bool = False) -> di
     lock_fd = take_lock(config.runtime_dir)  # BusyError: a holder lives but did not answer
     try:
         state = read_state(config.runtime_dir)
-        if orphaned and (state is None or state.get("corrupt")):
-            return {"ok": True, "action": "nothing-held", "outcomes": [],
-                    "message": "stand-in watchdog: nothing recorded"}
         if state is None or state.get("corrupt"):
-            # Nothing trustworthy is recorded: ask every adapter to release what it can.
-            state = {"holder_pid": "?", "targets": [
-                {"name": t.name, "kind": t.kind, "status": "held", "session_bound": True,
-                 "facts": {}} for t in config.targets]}
+            if orphaned:
+                state = {"targets": []}
+            else:  # nothing trustworthy is recorded: every adapter releases what it can
+                state = {"holder_pid": "?", "targets": [
+                    {"name": t.name, "kind": t.kind, "status": "held", "session_bound": True,
+                     "facts": {}} for t in config.targets]}
+        pending = [e for e in reversed(state["targets"]) if e["status"] in {"held", "quiescing"}]
+        if orphaned and not pending:
+            return {"ok": True, "action": "nothing-held", "outcomes": [],
+                    "message": "stand-in watchdog: nothing was held"}
         pid = state.get("holder_pid", "?")
-        outcomes: list[Outcome] = []
-        for entry in reversed(state["targets"]):
-            if entry["status"] not in {"held", "quiescing"}:
-                continue
-            target = config.target(entry["name"])
-            if target is None:
-                outcomes.append(Outcome(entry["name"], entry["kind"], "thaw", "failed", 0.0,
-                                        error="recorded as held but no longer in the config; "
-                                              "release it by hand"))
-                continue
-            outcome, _ = call(adapters, "thaw", target,
-                              hold=Hold(session=None, facts=entry.get("facts") or {}))
-            if outcome.status == "ok" and orphaned:
-                outcome.status = "broken"
-                outcome.error = (f"the holder (pid {pid}) had died; a stand-in watchdog released "
-                                 f"it after max_hold ({config.max_hold:g} s), before thaw came")
-            elif outcome.status == "ok" and (entry["session_bound"] or entry["status"] == "quiescing"):
-                outcome.status = "broken"
-                outcome.error = (f"the holder (pid {pid}) died before thaw and its session "
-                                 f"ended with it, at an unknown time")
-            entry["status"] = _after_thaw(outcome)
-            outcomes.append(outcome)
+        outcomes = [_recover_one(config, adapters, entry, pid, orphaned) for entry in pending]
         ok = all(o.ok for o in outcomes)
         message = (f"no holder was alive; released {len(outcomes)} target(s) recorded as held"
                    + ("" if ok else ": not every hold covered the window"))
-        if orphaned and not outcomes:
-            return {"ok": True, "action": "nothing-held", "outcomes": [],
-                    "message": "stand-in watchdog: nothing was held"}
         state.update(phase="released", released_by="watchdog" if orphaned else "recovery",
                      released_at=time.time(), acknowledged=not orphaned, message=message,
                      outcomes=[o.as_dict() for o in outcomes])
@@ -536,3 +541,24 @@ def recover(config: Config, adapters: Adapters, *, orphaned: bool = False) -> di
                 "outcomes": [o.as_dict() for o in outcomes]}
     finally:
         os.close(lock_fd)
+
+
+def _recover_one(config: Config, adapters: Adapters, entry: dict[str, Any], pid: Any,
+                 orphaned: bool) -> Outcome:
+    target = config.target(entry["name"])
+    if target is None:
+        return Outcome(entry["name"], entry["kind"], "thaw", "failed", 0.0,
+                       error="recorded as held but no longer in the config; release it by hand")
+    # bounded like every phase: a server that hangs must not hang the post-script
+    [(outcome, _)] = run_phase(adapters, "thaw", [target],
+                               hold=Hold(session=None, facts=entry.get("facts") or {}))
+    if outcome.status == "ok" and orphaned:
+        outcome.status = "broken"
+        outcome.error = (f"the holder (pid {pid}) had died; a stand-in watchdog released it "
+                         f"after max_hold ({config.max_hold:g} s), before thaw came")
+    elif outcome.status == "ok" and (entry["session_bound"] or entry["status"] == "quiescing"):
+        outcome.status = "broken"
+        outcome.error = (f"the holder (pid {pid}) died before thaw and its session ended "
+                         f"with it, at an unknown time")
+    entry["status"] = _after_thaw(outcome)
+    return outcome

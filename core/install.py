@@ -14,12 +14,11 @@ from typing import Any
 from .config import Config
 from .errors import ConfigError
 from .hosts import Host, HostFile, InstallSettings
-from .phases import hard_limit
+from .holder import freeze_budget
 
 MANIFEST_DIR = "/etc/quiesce"
-DEFAULT_LOG_DIR = "/var/log/quiesce"
 SHIM_MARKERS = ("/shims/", "/.pyenv/shims", "/.asdf/shims", "/mise/shims")
-DASH = "/usr/bin/dash"
+DASH = "/usr/bin/dash" if os.path.exists("/usr/bin/dash") else "/bin/sh"  # RHEL has no dash
 
 
 def _sha256(path: str) -> str | None:
@@ -30,12 +29,7 @@ def _sha256(path: str) -> str | None:
         return None
 
 
-def freeze_budget(config: Config) -> float:
-    """The longest `quiesce freeze` allows itself: three phases at the hard limit, plus start-up."""
-    return 3 * max(hard_limit(t) for t in config.targets) + 10
-
-
-def settings_for(config: Config, *, log_dir: str = DEFAULT_LOG_DIR,
+def settings_for(config: Config, *, log_dir: str,
                  python: str | None = None) -> InstallSettings:
     python = python or sys.executable
     if not os.path.isabs(python) or any(m in python for m in SHIM_MARKERS):
@@ -45,7 +39,7 @@ def settings_for(config: Config, *, log_dir: str = DEFAULT_LOG_DIR,
     return InstallSettings(config=os.path.abspath(config.path), python=python,
                            thaw_script=os.path.abspath(thaw.__file__),
                            log_dir=os.path.abspath(log_dir), runtime_dir=config.runtime_dir,
-                           freeze_timeout=freeze_budget(config), max_hold=config.max_hold)
+                           freeze_timeout=freeze_budget(config))
 
 
 class Installer:

@@ -1,8 +1,9 @@
 """Logging an operator can follow, and that never touches a frozen disk.
 
-Commands log to the configured file. The holder buffers its records in memory and writes
-them only after the targets are released (DESIGN.md invariant 2): while it holds, the
-host may have frozen every filesystem, and a write there would block it for good.
+Commands log to the configured file. The holder, and `thaw` when it must release targets
+itself, keep their records in memory and open the file only after the targets are
+released (DESIGN.md invariant 2): until then the host may have frozen every filesystem,
+and even creating a log file there would block for good.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import sys
+from typing import Callable
 
 FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 _LOGGER = "quiesce"
@@ -29,30 +31,47 @@ def _file_handler(log_file: str) -> logging.Handler | None:
     return handler
 
 
-def setup(log_file: str | None, *, verbose: bool = False, stderr: bool = True) -> None:
-    """Log to *log_file* (INFO, or DEBUG with --verbose) and warnings to stderr."""
-    logger = logging.getLogger(_LOGGER)
-    logger.handlers.clear()
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
-    if log_file and (handler := _file_handler(log_file)):
-        logger.addHandler(handler)
-    if stderr:
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-        console.setFormatter(logging.Formatter("quiesce: %(levelname)s: %(message)s"))
-        logger.addHandler(console)
-
-
-def buffer_until_released(log_file: str | None) -> logging.handlers.MemoryHandler:
-    """Switch this process (the holder) to in-memory logging; flush() writes it out."""
+def _reset(verbose: bool) -> logging.Logger:
     logger = logging.getLogger(_LOGGER)
     for handler in logger.handlers:
         handler.close()
     logger.handlers.clear()
-    target = _file_handler(log_file) if log_file else None
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def _console(verbose: bool) -> logging.Handler:
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("quiesce: %(levelname)s: %(message)s"))
+    return console
+
+
+def setup(log_file: str | None, *, verbose: bool = False) -> None:
+    """Log to *log_file* (INFO, or DEBUG with --verbose) and warnings to stderr."""
+    logger = _reset(verbose)
+    if log_file and (handler := _file_handler(log_file)):
+        logger.addHandler(handler)
+    logger.addHandler(_console(verbose))
+
+
+def buffer_until_released(log_file: str | None, *, verbose: bool = False,
+                          console: bool = False) -> Callable[[], None]:
+    """Keep log records in memory; the returned function writes them out (call it once
+    every target is released, and again before exiting)."""
+    logger = _reset(verbose)
     # flushLevel above CRITICAL: nothing reaches the disk until we flush on purpose.
-    memory = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1,
-                                            target=target, flushOnClose=True)
+    memory = logging.handlers.MemoryHandler(capacity=1_000_000,
+                                            flushLevel=logging.CRITICAL + 1, target=None)
     logger.addHandler(memory)
-    return memory
+    if console:
+        logger.addHandler(_console(verbose))
+
+    def write_out() -> None:
+        if memory.target is None and log_file:
+            memory.setTarget(_file_handler(log_file))
+        memory.flush()
+        if memory.target is not None:
+            memory.target.flush()
+    return write_out

@@ -6,6 +6,7 @@ its own duration and its own result or error, so one failure never hides another
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,8 @@ class Outcome:
     duration: float
     facts: dict[str, Any] | None = None
     error: str | None = None
+    #: The call overran its hard limit and was left running in its thread.
+    abandoned: bool = False
 
     @property
     def ok(self) -> bool:
@@ -71,6 +74,8 @@ def call(adapters: Adapters, hook: str, target: Target, **kwargs: Any) -> tuple[
     facts = result.facts if isinstance(result, Hold) else result
     if facts is not None and not isinstance(facts, dict):
         facts = {"result": repr(facts)}
+    if facts:  # a copy that JSON can carry: an adapter's datetime must not break a report
+        facts = json.loads(json.dumps(facts, default=str))
     outcome = Outcome(target.name, target.kind, hook, status, duration, facts or None, error)
     log.info("%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, status,
              duration * 1000, f": {error}" if error else "")
@@ -95,6 +100,6 @@ def run_phase(adapters: Adapters, hook: str, targets: list[Target],
         except FutureTimeout:
             results.append((Outcome(target.name, target.kind, hook, "failed", limit,
                                     error=f"{hook} did not return within {limit:g} s; "
-                                          f"abandoned"), None))
+                                          f"abandoned", abandoned=True), None))
     pool.shutdown(wait=False)
     return results

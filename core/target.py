@@ -92,6 +92,9 @@ class Target:
         """A path setting naming a credentials file, checked like the config file."""
         path = self.option(key, str, default)
         if path is not None:
+            if not os.path.isabs(path):  # never echo it: it may be the secret itself
+                raise self.error(key, "must be the absolute path of a file that holds the "
+                                      "secret, not the secret itself")
             check_private_file(path, what=f"{key} file", config_file=self.config_file,
                                key=self.key(key))
         return path

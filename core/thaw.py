@@ -31,9 +31,7 @@ LOCK_NAME = "lock"
 THAW_REQUEST_NAME = "thaw-requested"
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # a target failed, or a hold did not cover the whole window
-EXIT_USAGE = 2   # bad command line or config
-EXIT_BUSY = 3    # freeze refused: another freeze is holding
+EXIT_FAILED = 1  # a target failed, or a hold did not cover the whole window (cli.EXIT_CODES)
 
 #: Statuses a target can end in; only "ok" means app-consistent for that target.
 BAD_STATUSES = {"failed", "broken"}
@@ -43,14 +41,19 @@ def config_path(explicit: str | None = None) -> str:
     return explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
 
 
-def runtime_dir_of(config_file: str) -> str:
-    """The runtime directory named by *config_file* (no validation: the freeze did it)."""
+def runtime_dir_of(config_file: str) -> str | None:
+    """The runtime directory named by *config_file*, or None when it cannot be read.
+
+    No other validation (freeze did it); never a guess: a wrong directory would make
+    thaw say "nothing held" while targets are held elsewhere.
+    """
     try:
         import tomllib
         with open(config_file, "rb") as f:
-            return tomllib.load(f).get("runtime_dir", DEFAULT_RUNTIME_DIR)
+            value = tomllib.load(f).get("runtime_dir", DEFAULT_RUNTIME_DIR)
     except (OSError, ValueError):
-        return DEFAULT_RUNTIME_DIR
+        return None
+    return value if isinstance(value, str) and os.path.isabs(value) else None
 
 
 def read_state(runtime_dir: str) -> dict | None:
@@ -73,7 +76,8 @@ def write_state_file(path: str, text: str) -> None:
 
 
 def write_state(runtime_dir: str, state: dict) -> None:
-    write_state_file(os.path.join(runtime_dir, STATE_NAME), json.dumps(state))
+    # default=str: an adapter's odd fact (a datetime, a Decimal) must never stop a save
+    write_state_file(os.path.join(runtime_dir, STATE_NAME), json.dumps(state, default=str))
 
 
 def request(runtime_dir: str, op: str, *, timeout: float) -> dict | None:
@@ -228,12 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     cfg = config_path(args.config)
     runtime_dir = runtime_dir_of(cfg)
-    try:
-        report, needs_recovery = thaw_via_holder(runtime_dir)
-    except (OSError, ValueError) as e:
-        sys.stderr.write(f"quiesce thaw: cannot reach the holder in {runtime_dir}: {e}\n")
-        needs_recovery = True
-        report = None
+    report, needs_recovery = None, True  # the full CLI says what is wrong with the config
+    if runtime_dir is not None:
+        try:
+            report, needs_recovery = thaw_via_holder(runtime_dir)
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"quiesce thaw: cannot reach the holder in {runtime_dir}: {e}\n")
     if needs_recovery:
         # The full CLI loads the adapters and releases what the server keeps by itself.
         cmd = [sys.executable, "-B", "-P", "-m", "quiesce", "--config", cfg, "thaw"]

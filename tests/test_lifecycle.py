@@ -198,8 +198,9 @@ def test_control_socket_and_runtime_dir_are_private(sqlite_config, tmp_path):
 def test_stand_in_watchdog_releases_server_kept_holds_when_the_holder_died(tmp_path):
     config = write_config(tmp_path, {"cache": recorder(tmp_path)}, max_hold=1)
     env = env_with("recorder")
-    proc = subprocess.run(QUIESCE + ["--config", str(config), "freeze", "--json"], env=env,
-                          capture_output=True, text=True)
+    # a relative --config: the sentinel runs from / and must still find it
+    proc = subprocess.run(QUIESCE + ["--config", config.name, "freeze", "--json"], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
     os.kill(json.loads(proc.stdout)["holder_pid"], signal.SIGKILL)
     # nothing but the sentinel is left to release it, at the deadline plus its grace
     assert wait_until(lambda: "thaw-without-session cache" in records(tmp_path / "calls"),
@@ -237,3 +238,53 @@ def test_a_release_that_blocks_does_not_keep_the_others_quiesced(tmp_path):
         assert thaw.poll() is None, "the stuck release should still be running"
     finally:
         assert thaw.wait(timeout=30) == 0
+
+
+def test_thaw_during_a_failing_freeze_reports_the_window_uncovered(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path),
+                                     "b": recorder(tmp_path, fail="quiesce",
+                                                   sleep={"quiesce": 2})})
+    freeze = subprocess.Popen(QUIESCE + ["--config", str(config), "freeze"], env=env_with("recorder"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_until(lambda: "quiesce b" in records(tmp_path / "calls"), timeout=10)
+    thaw = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
+    freeze.wait(timeout=30)
+    assert thaw.returncode == 1, thaw.stdout
+    assert "freeze had finished" in thaw.report["message"]
+
+
+def test_a_fifo_release_is_reported_to_the_thaw_that_comes_after_it(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path, broken=True)})
+    assert run(config, "freeze", fakes=("recorder",)).returncode == 0
+    fifo = tmp_path / "run" / "thaw.fifo"
+    fd = os.open(fifo, os.O_RDWR)  # what the post-script's printf does
+    os.write(fd, b"thaw\n")
+    os.close(fd)
+    state = tmp_path / "run" / "state.json"
+    assert wait_until(lambda: json.loads(state.read_text())["phase"] == "released", timeout=5)
+    assert json.loads(state.read_text())["acknowledged"] is False, "nobody has been told yet"
+    thaw = run(config, "thaw", "--json", fakes=("recorder",), check_json=True)
+    assert thaw.returncode == 1 and thaw.report["outcomes"][0]["status"] == "broken"
+
+
+def test_facts_json_cannot_carry_are_reported_as_text(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path, odd_facts=True)})
+    proc = run(config, "freeze", "--json", fakes=("recorder",), check_json=True)
+    assert proc.returncode == 0, proc.stdout
+    [quiesced] = [o for o in proc.report["outcomes"] if o["phase"] == "quiesce"]
+    assert quiesced["facts"]["taken_at"] == "2026-11-26 12:00:00+00:00"
+    assert run(config, "thaw", fakes=("recorder",)).returncode == 0
+
+
+def test_thaw_with_an_unreadable_config_never_guesses_the_runtime_dir(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path)})
+    assert run(config, "freeze", fakes=("recorder",)).returncode == 0
+    good = config.read_text()
+    config.write_text(good + "[oops\n")
+    import quiesce.thaw, sys
+    proc = subprocess.run([sys.executable, "-I", "-S", "-B", quiesce.thaw.__file__,
+                           "--config", str(config)], capture_output=True, text=True,
+                          env=env_with("recorder"))
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr, proc.stdout + proc.stderr
+    config.write_text(good)
+    assert run(config, "thaw", fakes=("recorder",)).returncode == 0

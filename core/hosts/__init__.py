@@ -19,7 +19,7 @@ import importlib
 import importlib.metadata
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
@@ -35,8 +35,6 @@ class HostFile:
     path: str
     content: str
     mode: int
-    #: True for files the host's own validation inspects (kept root-owned).
-    role: str = ""
 
 
 @dataclass
@@ -49,7 +47,6 @@ class InstallSettings:
     log_dir: str              # where the scripts send their output
     runtime_dir: str          # the holder's runtime directory (its thaw FIFO)
     freeze_timeout: float     # longest `quiesce freeze` may take for this config
-    max_hold: float
 
 
 @dataclass
@@ -59,7 +56,6 @@ class Verdict:
     code: int                 # 0 = scripts will run
     name: str
     message: str
-    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

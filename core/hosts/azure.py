@@ -11,8 +11,8 @@ What we install and why:
   breaks the host in ways that are hard to see):
   - ``ScriptsExecutionPollTimeSeconds: 1``: the host notices a finished script only at
     its next poll (3 s by default), and the databases stay quiesced while it waits;
-  - ``timeoutInSeconds``: covers the longest freeze quiesce allows itself, capped at the
-    host's 1800; the host never kills a script at its timeout, it just moves on;
+  - ``timeoutInSeconds``: covers the longest ``quiesce freeze`` waits (holder.freeze_budget),
+    capped at the host's 1800; the host never kills a script at its timeout, it moves on;
   - ``continueBackupOnFailure: true``: if a database cannot be quiesced, a file-system
     consistent backup (reported as such) beats no backup at all;
   - ``fsFreezeEnabled: true``: the host's freeze makes every filesystem consistent and
@@ -107,8 +107,8 @@ class PluginConfig:
         return not (self.fs_freeze == False)  # noqa: E712 - the host compares == False
 
 
-def _verdict(code: int, message: str, **details: Any) -> Verdict:
-    return Verdict(code, CODES.get(code, "error"), message, details)
+def _verdict(code: int, message: str) -> Verdict:
+    return Verdict(code, CODES.get(code, "error"), message)
 
 
 class AzureHost(Host):
@@ -163,9 +163,9 @@ class AzureHost(Host):
                 "status=$?\n"
                 f"printf '%s\\n' \"$report\" >>{q(settings.log_dir + '/azure-post-script.log')}\n"
                 "exit $status\n")
-        return [HostFile(CONFIG_JSON, json.dumps(config, indent=2) + "\n", 0o600, "config"),
-                HostFile(PRE_SCRIPT, pre, 0o700, "pre-script"),
-                HostFile(POST_SCRIPT, post, 0o700, "post-script")]
+        return [HostFile(CONFIG_JSON, json.dumps(config, indent=2) + "\n", 0o600),
+                HostFile(PRE_SCRIPT, pre, 0o700),
+                HostFile(POST_SCRIPT, post, 0o700)]
 
     # -- validation, in the host's order ----------------------------------------------
 
@@ -175,7 +175,7 @@ class AzureHost(Host):
             host_conf = os.path.join(extension_dir, "main", "VMSnapshotPluginHost.conf") \
                 if extension_dir else None
         if host_conf is None:  # doctor: the extension ships a valid one in its directory
-            plugin_config_path = CONFIG_JSON
+            plugin_config_path, max_timeout = CONFIG_JSON, MAX_TIMEOUT
         else:
             if not os.path.isfile(host_conf):
                 return _verdict(313, f"neither {HOST_CONF} nor the extension's own "
@@ -194,6 +194,7 @@ class AzureHost(Host):
                     return _verdict(304, f"{host_conf} loads plugins other than one ScriptRunner; "
                                          f"quiesce cannot predict what they do")
                 plugin_config_path = section["pluginConfigPath0"]
+                max_timeout = min(int(section["timeoutInSeconds"]), MAX_TIMEOUT)
             except (KeyError, ValueError, configparser.Error) as e:
                 return _verdict(304, f"{host_conf} cannot be parsed: {e}")
         json_path = self.path(plugin_config_path)
@@ -213,14 +214,16 @@ class AzureHost(Host):
             return _verdict(305, f"{plugin_config_path} is not valid JSON for the host: {e}")
         if not isinstance(data, dict):
             return _verdict(304, f"{plugin_config_path} must hold a JSON object")
+        # The host reads timeoutInSeconds first; a bool is a number to its min() (True = 1).
+        timeout = data.get("timeoutInSeconds", 10)
+        if not isinstance(timeout, (int, float)):
+            return _verdict(304, f"timeoutInSeconds is {timeout!r}; the host needs a number")
         try:
-            config = PluginConfig(pre=data["preScriptLocation"], post=data["postScriptLocation"])
+            config = PluginConfig(pre=str(data["preScriptLocation"]),
+                                  post=str(data["postScriptLocation"]))
         except KeyError as e:
             return _verdict(305, f"{plugin_config_path} lacks the mandatory key {e}")
-        timeout = data.get("timeoutInSeconds", 10)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            return _verdict(304, f"timeoutInSeconds is {timeout!r}; the host needs a number")
-        config.timeout = min(timeout, MAX_TIMEOUT)
+        config.timeout = min(timeout, max_timeout)
         if "ScriptsExecutionPollTimeSeconds" in data:
             try:
                 poll = int(data["ScriptsExecutionPollTimeSeconds"])
@@ -230,8 +233,11 @@ class AzureHost(Host):
                 return _verdict(304, "ScriptsExecutionPollTimeSeconds has the wrong JSON type")
             if 1 <= poll <= 5:
                 config.poll = poll  # out of range is silently ignored by the host
-        for key, attr in (("preScriptParams", "pre_params"), ("postScriptParams", "post_params")):
-            config.__setattr__(attr, [str(p) for p in data.get(key, [])])  # a string: per char
+        try:  # each element str()-ed; a bare string is iterated per character, as by the host
+            config.pre_params = [str(p) for p in data.get("preScriptParams", [])]
+            config.post_params = [str(p) for p in data.get("postScriptParams", [])]
+        except TypeError:
+            return _verdict(304, "preScriptParams/postScriptParams must be JSON arrays")
         # Wrong types here pass validation and break the host only when a script fails;
         # they are kept as they are so the rehearsal can show exactly that (see quirks()).
         config.pre_retries = data.get("preScriptNoOfRetries", 0)
@@ -248,15 +254,15 @@ class AzureHost(Host):
             if perm[1] != "0" or perm[2] != "0" or _owner(st) != self.owner:
                 return _verdict(denied, f"{script} has mode {perm} owner {_owner(st)}; the host "
                                         f"wants owner {self.owner} and no group/other bits (chmod 700)")
-        return _verdict(0, "the host will run the pre- and post-script", timeout=config.timeout,
-                        poll=config.poll)
+        return _verdict(0, f"the host will run the pre- and post-script (timeout "
+                           f"{config.timeout:g} s, poll every {config.poll} s)")
 
     def quirks(self) -> list[str]:
         """Values the host accepts but mishandles (call after validate)."""
         config, found = self.plugin_config, []
         if config is None:
             return found
-        if not isinstance(config.continue_on_failure, bool):
+        if not isinstance(config.continue_on_failure, int):  # bool is an int: True & 0 works
             found.append(f"continueBackupOnFailure is {config.continue_on_failure!r}, not a JSON "
                          f"boolean: the host crashes (code 2, no post-script) when a script fails")
         for key, value in (("preScriptNoOfRetries", config.pre_retries),
@@ -357,8 +363,6 @@ class AzureHost(Host):
                  freeze_deadline: float = 60.0, on_event: Callable[[float, str], None] | None = None
                  ) -> dict[str, Any]:
         """Play the host: validate, pre, [freeze, snapshot, thaw], post; report its result."""
-        from .. import fsfreeze
-
         t0 = time.monotonic()
         timeline: list[dict[str, Any]] = []
 
@@ -375,8 +379,10 @@ class AzureHost(Host):
                               f"where the host demands root")
         with tempfile.TemporaryDirectory(prefix="quiesce-azure-ext-") as extension_dir:
             os.makedirs(os.path.join(extension_dir, "main"))
-            with open(os.path.join(extension_dir, "main", "VMSnapshotPluginHost.conf"), "w") as f:
+            shipped = os.path.join(extension_dir, "main", "VMSnapshotPluginHost.conf")
+            with open(shipped, "w") as f:
                 f.write(SHIPPED_HOST_CONF)
+            os.chmod(shipped, 0o644)  # as the extension ships it, whatever our umask
             verdict = self.validate(extension_dir)
             config = self.plugin_config
             event(f"validation: {verdict.code} {verdict.name}: {verdict.message}")
@@ -392,7 +398,7 @@ class AzureHost(Host):
             if verdict.code == 0:
                 report["pre"] = pre = self._host_phase("pre", config, extension_dir, event)
                 do_backup = True
-                if pre["code"] and not isinstance(continue_on_failure, bool):
+                if pre["code"] and not isinstance(continue_on_failure, int):
                     return self._crash(report, event, "pre")
                 if pre["code"]:
                     script_codes.append(pre["code"])
@@ -410,7 +416,7 @@ class AzureHost(Host):
                 event("no snapshot: the host skips it")
             if verdict.code == 0:
                 report["post"] = post = self._host_phase("post", config, extension_dir, event)
-                if post["code"] and not isinstance(continue_on_failure, bool):
+                if post["code"] and not isinstance(continue_on_failure, int):
                     return self._crash(report, event, "post")
                 if post["code"]:
                     script_codes.append(post["code"])

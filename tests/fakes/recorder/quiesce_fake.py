@@ -2,9 +2,11 @@
 
 Settings: ``record`` (file to append "<hook> <target>" lines to), ``fail`` (a hook that
 raises TargetError), ``sleep`` (a table of hook -> seconds), ``session`` (return a
-session-bound hold), ``broken`` (thaw raises HoldBroken).
+session-bound hold), ``broken`` (thaw raises HoldBroken), ``odd_facts`` (quiesce returns
+facts JSON cannot carry as they are).
 """
 
+import datetime
 import time
 
 from quiesce import Hold, HoldBroken, TargetError, hookimpl
@@ -25,6 +27,7 @@ class Recorder:
         target.option("sleep", dict, default={})
         target.option("session", bool, default=False)
         target.option("broken", bool, default=False)
+        target.option("odd_facts", bool, default=False)
 
     @hookimpl
     def check(self, target):
@@ -38,8 +41,10 @@ class Recorder:
     @hookimpl
     def quiesce(self, target):
         self._act(target, "quiesce")
-        return Hold(session=object() if target.settings.get("session") else None,
-                    facts={"token": target.name})
+        facts = {"token": target.name}
+        if target.settings.get("odd_facts"):
+            facts["taken_at"] = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.timezone.utc)
+        return Hold(session=object() if target.settings.get("session") else None, facts=facts)
 
     @hookimpl
     def thaw(self, target, hold):
