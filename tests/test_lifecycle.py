@@ -288,3 +288,23 @@ def test_thaw_with_an_unreadable_config_never_guesses_the_runtime_dir(tmp_path):
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr, proc.stdout + proc.stderr
     config.write_text(good)
     assert run(config, "thaw", fakes=("recorder",)).returncode == 0
+
+
+def test_exec_runs_the_snapshot_command_while_held_and_thaws_after(sqlite_config, tmp_path):
+    db, config = sqlite_config
+    probe = ("import sqlite3, sys\n"
+             "try:\n"
+             "    c = sqlite3.connect(sys.argv[1], timeout=0.2)\n"
+             "    c.execute(\"INSERT INTO t (v) VALUES ('during')\"); c.commit()\n"
+             "except sqlite3.OperationalError:\n"
+             "    sys.exit(0)  # locked: what the snapshot command should see\n"
+             "sys.exit(9)\n")
+    import sys
+    proc = run(config, "exec", "--json", "--", sys.executable, "-c", probe, str(db))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["command_status"] == 0 and report["outcomes"][0]["status"] == "ok"
+    assert sqlite_writable(db)
+    failing = run(config, "exec", "--", sys.executable, "-c", "raise SystemExit(7)")
+    assert failing.returncode == 7, "exec must exit with the snapshot command's status"
+    assert sqlite_writable(db), "thaw must run even when the command failed"
