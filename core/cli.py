@@ -1,4 +1,4 @@
-"""The command line: ``quiesce adapters | check | freeze | thaw | status``."""
+"""The ``quiesce`` command: the freeze/thaw cycle, the snapshot hosts, and restore help."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ Exit codes:
   0  success (freeze: every target held; thaw: every hold covered the window)
   1  a target failed, or a hold did not cover the whole window (see the output)
   2  usage or config error (the message names the file, target and key)
-  3  freeze refused: another freeze is still holding (run `quiesce thaw`)"""
+  3  another quiesce is holding: freeze refused (run `quiesce thaw`), or a
+     holder that does not answer"""
 
 
 class Context:
