@@ -61,13 +61,13 @@ APPNAME = "quiesce"
 def _uri_hosts(uri: str) -> str:
     """The host list of a MongoDB URI, without scheme, credentials or options."""
     rest = uri.split("://", 1)[1] if "://" in uri else uri
-    rest = re.split(r"[/?]", rest, maxsplit=1)[0]
-    return rest.rsplit("@", 1)[-1]
+    rest = rest.rsplit("@", 1)[-1]  # credentials first: an unescaped '/' may be in them
+    return re.split(r"[/?]", rest, maxsplit=1)[0]
 
 
 def _scrub(text: str) -> str:
     """Remove credentials from anything that may quote a URI."""
-    return re.sub(r"(mongodb(?:\+srv)?://)[^@/\s]*@", r"\1***@", text)
+    return re.sub(r"(mongodb(?:\+srv)?://)\S*@", r"\1***@", text)
 
 
 def _check_uri(target: Target, key: str, uri: str, *, inline: bool) -> None:
@@ -154,7 +154,7 @@ def _client(target: Target):
             "tls_certificate_key_file_password_file")
     try:
         return pymongo.MongoClient(_uri(target), **kwargs)
-    except pymongo.errors.PyMongoError as e:
+    except (pymongo.errors.PyMongoError, ValueError) as e:  # ValueError: a malformed URI
         raise TargetError(f"cannot use the URI of target {target.name}: {_scrub(str(e))}; "
                           f"fix uri/uri_file or the tls_* settings") from None
 
@@ -473,8 +473,14 @@ def _stop_balancer(target: Target, client) -> bool:
                   _cmd("balancerStatus"))
     if status.get("mode") == "off":
         return False  # someone else stopped it: they start it again, not us
-    _run(target, client, "stopping the balancer (balancerStop)",
-         _cmd("balancerStop", maxTimeMS=max(1, int(target.timeout * 1000))))
+    try:
+        _run(target, client, "stopping the balancer (balancerStop)",
+             _cmd("balancerStop", maxTimeMS=max(1, int(target.timeout * 1000))))
+    except TargetError:
+        # The server turns the mode off before it waits for the round to end: a stop that
+        # timed out may still have stopped it. Never leave it off behind a failure.
+        _start_balancer(target, client)
+        raise
     return True
 
 

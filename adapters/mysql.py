@@ -465,6 +465,10 @@ def _connect(target: Target, s: Settings, *, read_timeout: float | None = None):
                           f"settings and the credentials in the option file") from None
     except OSError as e:
         raise TargetError(f"cannot connect to {s.where}: {e}") from None
+    except Exception as e:  # configparser quotes the offending line: it may be a password
+        raise TargetError(f"cannot read option_file {s.option_file}: not a valid MySQL option "
+                          f"file ({type(e).__name__}); it needs a [{s.option_group}] section "
+                          f"header") from None
 
 
 def _rows(conn, sql: str) -> list[tuple]:
@@ -751,7 +755,11 @@ def _write_coordinates(path: str, coords: dict[str, Any]) -> None:
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     data = (json.dumps(coords, indent=2, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:  # the directory belongs to the database's user: never follow what it planted
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -911,8 +919,9 @@ def quiesce(target: Target) -> Hold:
         if s.stop_replica_sql_thread:
             status = _replica_status(conn, server)
             if status and str(status.get("sql_running", "")).lower() == "yes":
-                _rows(conn, replica_sql(server, "stop"))
+                # set first: a STOP that times out may still take effect on the server
                 replica_start = replica_sql(server, "start")
+                _rows(conn, replica_sql(server, "stop"))
         try:
             got = _acquire(target, s, conn, server, plan, info["thread_id"], info["account"])
             coords = _coordinates(conn, server, plan, info, s)

@@ -22,7 +22,8 @@ Two modes, chosen per target with ``mode``:
 Settings: ``mode``; the connection as ``dsn`` (a libpq conninfo string without a password)
 or as ``service``/``host``/``port``/``user``/``dbname``; ``passfile`` (a .pgpass file, mode
 0600); backup mode only: ``label_dir`` (required), ``wait_for_archive`` (default true),
-``stop_timeout`` (seconds; default 60 or the target's timeout if longer).
+``stop_timeout`` (seconds; default three times the target's timeout, at most four times:
+the core abandons a thaw that overruns 4 × timeout + 5 s).
 
 :func:`restore_prepare` installs a backup label into a restored data directory, after
 checking that the WAL the backup needs is there (docs/adapters/postgresql.md).
@@ -56,7 +57,6 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
               "keepalives_count": 3}
 APPLICATION_NAME = "quiesce"
 MIN_VERSION = 120000
-DEFAULT_STOP_TIMEOUT = 60.0
 
 
 # ---------------------------------------------------------------------------- settings
@@ -118,9 +118,11 @@ def _config(target: Target) -> _Config:
                 raise target.error(key, "only used with mode = \"backup\"; set the mode or "
                                         "remove the key")
     if stop_timeout is None:
-        stop_timeout = max(DEFAULT_STOP_TIMEOUT, target.timeout)
-    elif stop_timeout <= 0:
-        raise target.error("stop_timeout", "must be greater than 0")
+        stop_timeout = 3 * target.timeout
+    elif not 0 < stop_timeout <= 4 * target.timeout:
+        # longer, the core would abandon thaw before pg_backup_stop could say why it failed
+        raise target.error("stop_timeout", f"must be above 0 and at most 4 × timeout "
+                                           f"({4 * target.timeout:g} s); raise timeout for more")
     return _Config(mode, dsn, params, where, label_dir,
                    True if wait_for_archive is None else wait_for_archive, stop_timeout)
 

@@ -1,7 +1,8 @@
 """SQLite: hold the database's write lock across the snapshot.
 
-flush    ``PRAGMA wal_checkpoint(TRUNCATE)`` in WAL mode, so the main file is current
-         and the WAL that the snapshot must also capture is short.
+flush    In WAL mode a PASSIVE checkpoint (it never blocks writers), then a TRUNCATE one
+         that gives up at once if a reader is in the way: the main file is current and the
+         WAL the snapshot must also capture is short.
 quiesce  ``BEGIN IMMEDIATE`` in the holder's connection: the RESERVED lock (the WAL write
          lock in WAL mode). Readers go on; no other connection can commit until thaw,
          so the database file(s) are stable and complete on disk.
@@ -9,13 +10,14 @@ thaw     ``ROLLBACK`` and close. The lock is session-bound: if the holder dies, 
          kernel drops it with the file descriptor and writers go on.
 
 Settings: ``path`` (required), ``busy_timeout`` (seconds to wait for a writer to finish
-before giving up; default: the target's ``timeout``).
+before giving up; at most, and by default, the target's ``timeout``).
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 
 from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
 
@@ -29,8 +31,10 @@ def validate(target: Target) -> None:
     path = target.option("path", str)
     if not os.path.isabs(path):
         raise target.error("path", f"must be an absolute path, got {path!r}")
-    if _busy_timeout(target) <= 0:
-        raise target.error("busy_timeout", "must be greater than 0")
+    if not 0 < _busy_timeout(target) <= target.timeout:
+        # longer, the core would abandon quiesce while its lock wait could still succeed
+        raise target.error("busy_timeout", f"must be above 0 and at most the target's "
+                                           f"timeout ({target.timeout:g} s)")
 
 
 def _connect(target: Target, *, read_only: bool = False) -> sqlite3.Connection:
@@ -40,7 +44,8 @@ def _connect(target: Target, *, read_only: bool = False) -> sqlite3.Connection:
     mode = "ro" if read_only else "rw"
     try:
         # isolation_level=None: we issue BEGIN/ROLLBACK ourselves, nothing implicit.
-        return sqlite3.connect(f"file:{path}?mode={mode}", uri=True,
+        # quoted: a '#' or '?' in the path would otherwise open (and lock) another file
+        return sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode={mode}", uri=True,
                                timeout=_busy_timeout(target), isolation_level=None,
                                check_same_thread=False)
     except sqlite3.Error as e:
@@ -71,9 +76,12 @@ def flush(target: Target) -> dict | None:
             return None
         wal = target.settings["path"] + "-wal"
         wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the work, without blocking writers
+        # TRUNCATE holds the write lock while it waits for readers: never wait here.
+        conn.execute("PRAGMA busy_timeout = 0")
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-        # busy=1 means a reader or writer kept it from finishing: harmless, the WAL is
-        # captured with the database, it only makes recovery read more.
+        # busy=1: a reader kept it from finishing. Harmless: the WAL is captured with the
+        # database, it only makes recovery read more.
         return {"wal_checkpoint": "partial" if busy else "complete",
                 "wal_bytes_before": wal_bytes}
     except sqlite3.Error as e:

@@ -104,3 +104,33 @@ def test_thaw_is_idempotent_and_reports_a_lost_lock(tmp_path, adapters):
     with pytest.raises(HoldBroken, match="was not held at thaw"):
         adapters.call("thaw", t, hold=hold)
     assert sqlite_writable(db)
+
+
+def test_a_path_with_uri_characters_locks_that_very_file(tmp_path, adapters):
+    db = make_sqlite(tmp_path / "app#1?x.db")
+    t = target(db)
+    hold = adapters.call("quiesce", t)
+    try:
+        assert not sqlite_writable(db), "another file was locked instead of the database"
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("app#1?x.db")) == []
+    finally:
+        adapters.call("thaw", t, hold=hold)
+
+
+def test_flush_never_blocks_writers_behind_a_reader(tmp_path, adapters):
+    db = make_sqlite(tmp_path / "app.db", "wal")
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchone()  # an open read snapshot
+    sqlite3.connect(db).execute("INSERT INTO t (v) VALUES ('x')").connection.commit()
+    started = time.monotonic()
+    facts = adapters.call("flush", target(db))
+    assert time.monotonic() - started < 1.0, "flush waited for the reader"
+    assert facts["wal_checkpoint"] == "partial"
+    reader.execute("ROLLBACK")
+
+
+def test_busy_timeout_beyond_the_targets_timeout_is_refused(tmp_path):
+    from quiesce import ConfigError
+    with pytest.raises(ConfigError, match="busy_timeout: must be above 0 and at most"):
+        target(tmp_path / "x.db", busy_timeout=30)
