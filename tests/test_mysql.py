@@ -853,3 +853,17 @@ def test_mysql_57_ftwrl_with_old_replica_words(adapters, scripted, tmp_path):
     script["SELECT CONNECTION_ID()"] = (("id",), [(10,)])
     with pytest.raises(HoldBroken, match="changed from 9 to 10"):
         adapters.call("thaw", target, hold=hold)
+
+
+def test_a_malformed_option_file_never_echoes_its_lines(tmp_path):
+    from quiesce.plugins import load_adapters
+    cnf = tmp_path / "my.cnf"
+    cnf.write_text("password=Sup3rS3cret\n")  # no [client] header
+    cnf.chmod(0o600)
+    adapters = load_adapters(load_entrypoints=False)
+    target = quiesce.Target("db", "mysql", {"option_file": str(cnf)}, timeout=2)
+    adapters.call("validate", target)
+    with pytest.raises(quiesce.TargetError) as info:
+        adapters.call("check", target)
+    assert "Sup3rS3cret" not in str(info.value)
+    assert "not a valid MySQL option file" in str(info.value)
