@@ -32,7 +32,8 @@ class Context:
         self.verbose = verbose
         #: Set by commands that may run while disks are frozen (thaw): log to memory until
         #: the targets are released, then call write_log().
-        self.write_log = None
+        self.buffer_logs = False
+        self.write_log = lambda: None
 
     @functools.cached_property
     def adapters(self):
@@ -46,7 +47,7 @@ class Context:
     def config(self):
         from . import config, logs
         loaded = config.load(self.config_path, self.adapters)
-        if self.write_log is None:
+        if not self.buffer_logs:
             logs.setup(loaded.log_file, verbose=self.verbose)
         else:
             self.write_log = logs.buffer_until_released(loaded.log_file, verbose=self.verbose,
@@ -204,7 +205,7 @@ def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
     states are released from the record on tmpfs. A second thaw is a no-op that says so.
     """
     started = time.monotonic()
-    obj.write_log = lambda: None  # buffered: disks may still be frozen
+    obj.buffer_logs = True  # disks may still be frozen
     if orphaned:
         from .errors import BusyError
         from .holder import recover
@@ -330,7 +331,6 @@ def doctor(obj: Context, host: str, root: str, as_json: bool) -> None:
     """
     from .install import Installer, doctor_checks
     from .phases import run_phase
-    started = time.monotonic()
     target_host = _host(host, root)
     verdict = target_host.validate()
     config, config_error, outcomes = None, None, None

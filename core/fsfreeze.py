@@ -143,6 +143,11 @@ def _mount_containing(path: str, mounts: list[_Mount]) -> _Mount:
     return best
 
 
+def fs_type(path: str | os.PathLike[str]) -> str:
+    """The type of the filesystem holding *path* (for checks such as "is this tmpfs?")."""
+    return _mount_containing(os.path.realpath(path), _read_mounts()).fstype
+
+
 def _resolve_mountpoint(path: str | os.PathLike[str], mounts: list[_Mount]) -> _Mount:
     raw = os.fspath(path)
     real = os.path.realpath(raw)

@@ -32,14 +32,12 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from . import logs
 from .config import Config
 from .errors import BusyError, ConfigError
-from .phases import Outcome, call, hard_limit, run_phase
+from .phases import Outcome, hard_limit, run_phase
 from .plugins import Adapters
 from .target import Hold
 from .thaw import (FIFO_NAME, LOCK_NAME, SOCKET_NAME, STATE_NAME, read_state,
@@ -230,27 +228,16 @@ class Holder:
         not: a target whose release blocks (a backup stop writing to a disk the host still
         has frozen) must not keep the others quiesced.
         """
-        held = [(t, self.holds.pop(t.name)) for t in reversed(self.config.targets)
-                if t.name in self.holds]
-        if not held:
-            return []
-        pool = ThreadPoolExecutor(max_workers=len(held), thread_name_prefix="thaw")
-        futures = []
-        for target, hold in held:
-            futures.append(pool.submit(call, self.adapters, "thaw", target, hold=hold))
-            wait([futures[-1]], timeout=THAW_STAGGER)
+        held = [t for t in reversed(self.config.targets) if t.name in self.holds]
+        holds = {t.name: self.holds.pop(t.name) for t in held}
+        results = run_phase(self.adapters, "thaw", held, stagger=THAW_STAGGER,
+                            kwargs_for=lambda t: {"hold": holds[t.name]})
         outcomes = []
-        for (target, _), future in zip(held, futures):
-            try:
-                outcome, _ = future.result(timeout=hard_limit(target))
-            except FutureTimeout:
-                outcome = Outcome(target.name, target.kind, "thaw", "failed", hard_limit(target),
-                                  error=f"thaw did not return within {hard_limit(target):g} s")
+        for target, (outcome, _) in zip(held, results):
             if reason and outcome.status == "ok":
                 outcome.status, outcome.error = "broken", reason
             self._target_state(target.name)["status"] = _after_thaw(outcome)
             outcomes.append(outcome)
-        pool.shutdown(wait=False)
         return outcomes
 
     # -- control socket ----------------------------------------------------------

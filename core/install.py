@@ -13,7 +13,8 @@ from typing import Any
 
 from .config import Config
 from .errors import ConfigError
-from .hosts import Host, HostFile, InstallSettings
+from .fsfreeze import fs_type
+from .hosts import Host, InstallSettings
 from .holder import freeze_budget
 
 MANIFEST_DIR = "/etc/quiesce"
@@ -126,20 +127,6 @@ def _write(path: str, content: str, mode: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def fs_type(path: str) -> str:
-    """The filesystem type holding *path* (longest mount-point prefix)."""
-    best, kind = "", "?"
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mount = fields[4].replace("\\040", " ")
-            fstype = fields[fields.index("-") + 1]
-            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-                best, kind = mount, fstype
-    return kind
 
 
 def finding(name: str, ok: bool, message: str, *, warning: bool = False) -> dict[str, Any]:
