@@ -5,9 +5,15 @@ flush    In WAL mode a PASSIVE checkpoint (it never blocks writers), then a TRUN
          WAL the snapshot must also capture is short.
 quiesce  ``BEGIN IMMEDIATE`` in the holder's connection: the RESERVED lock (the WAL write
          lock in WAL mode). Readers go on; no other connection can commit until thaw,
-         so the database file(s) are stable and complete on disk.
-thaw     ``ROLLBACK`` and close. The lock is session-bound: if the holder dies, the
-         kernel drops it with the file descriptor and writers go on.
+         so the database file(s) are stable and complete on disk. Tried every
+         millisecond rather than through SQLite's busy handler, whose sleeps grow to
+         100 ms and so almost never meet the gap between a busy writer's transactions.
+thaw     ``ROLLBACK`` only: it writes nothing. The connection is *not* closed, because
+         closing the last connection of a WAL database checkpoints it and deletes the
+         ``-wal`` file, which blocks forever on a filesystem the host still has frozen.
+         It stays open until the process ends (the holder exits with ``os._exit``, so
+         the kernel just drops the descriptor, which SQLite treats like a crash: always
+         safe) or until the next flush, a phase in which writing is safe.
 
 Settings: ``path`` (required), ``busy_timeout`` (seconds to wait for a writer to finish
 before giving up; at most, and by default, the target's ``timeout``).
@@ -17,9 +23,18 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+import time
 import urllib.parse
 
 from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
+
+
+RETRY_INTERVAL = 0.001  # between lock attempts: a tight-loop writer leaves gaps this short
+#: Released connections that must not be closed yet (closing may write; see thaw). A
+#: reference here also keeps the garbage collector from closing them.
+_parked: list[sqlite3.Connection] = []
+_parked_lock = threading.Lock()
 
 
 def _busy_timeout(target: Target) -> float:
@@ -37,16 +52,18 @@ def validate(target: Target) -> None:
                                            f"timeout ({target.timeout:g} s)")
 
 
-def _connect(target: Target, *, read_only: bool = False) -> sqlite3.Connection:
+def _connect(target: Target, *, read_only: bool = False,
+             timeout: float | None = None) -> sqlite3.Connection:
     path = target.settings["path"]
     if not os.path.exists(path):
         raise TargetError(f"{path} does not exist; fix targets.{target.name}.path")
     mode = "ro" if read_only else "rw"
+    timeout = _busy_timeout(target) if timeout is None else timeout
     try:
         # isolation_level=None: we issue BEGIN/ROLLBACK ourselves, nothing implicit.
         # quoted: a '#' or '?' in the path would otherwise open (and lock) another file
         return sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode={mode}", uri=True,
-                               timeout=_busy_timeout(target), isolation_level=None,
+                               timeout=timeout, isolation_level=None,
                                check_same_thread=False)
     except sqlite3.Error as e:
         raise TargetError(f"cannot open {path}: {e}") from e
@@ -68,8 +85,19 @@ def check(target: Target) -> dict:
     return {"sqlite_version": sqlite3.sqlite_version, "journal_mode": journal_mode}
 
 
+def _close_parked() -> None:
+    """Close connections released earlier: flush runs before any snapshot, when the
+    filesystem is writable (flush itself checkpoints)."""
+    with _parked_lock:
+        parked = _parked[:]
+        _parked.clear()
+    for conn in parked:
+        conn.close()
+
+
 @hookimpl
 def flush(target: Target) -> dict | None:
+    _close_parked()
     conn = _connect(target)
     try:
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -92,15 +120,37 @@ def flush(target: Target) -> dict | None:
 
 @hookimpl
 def quiesce(target: Target) -> Hold:
-    conn = _connect(target)
+    conn = _connect(target, timeout=0)  # no busy handler: _begin_immediate retries itself
     try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as e:
+        attempts = _begin_immediate(conn, _busy_timeout(target))
+    except sqlite3.Error as e:
+        conn.close()
+        raise TargetError(f"cannot take the write lock on {target.settings['path']}: {e}") from e
+    if attempts is not None:
         conn.close()
         raise TargetError(f"could not take the write lock on {target.settings['path']} within "
-                          f"{_busy_timeout(target):g} s ({e}); a writer held it that long. "
-                          f"Raise busy_timeout or retry") from e
+                          f"{_busy_timeout(target):g} s: it was busy at each of {attempts} "
+                          f"attempts; {_who_holds(target.settings['path'])}. Raise "
+                          f"busy_timeout, or retry when that writer is done")
     return Hold(session=conn)
+
+
+def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> int | None:
+    """BEGIN IMMEDIATE, tried every RETRY_INTERVAL until *timeout*; None once it is
+    taken, else the number of attempts that found the lock busy."""
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return None
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            attempts += 1
+        if time.monotonic() >= deadline:
+            return attempts
+        time.sleep(RETRY_INTERVAL)
 
 
 @hookimpl
@@ -109,9 +159,67 @@ def thaw(target: Target, hold: Hold) -> None:
     if conn is None:
         return  # the lock died with the holder's process; nothing is left to release
     hold.session = None  # released once: a second thaw is a no-op
+    with _parked_lock:
+        _parked.append(conn)  # never closed here: closing may write (see the module doc)
+    if not conn.in_transaction:
+        raise HoldBroken(f"the write lock on {target.settings['path']} was not held at thaw")
+    conn.execute("ROLLBACK")
+
+
+def _who_holds(path: str) -> str:
+    """What held the database, from /proc: the lock's owner now, and who has it open."""
+    holders = _lock_owners(path)
+    users = sorted(_processes_with_open(path) - {os.getpid()})
+    said = [f"pid {', '.join(_name(p) for p in holders)} held the write lock at the end"
+            if holders else "no process held the write lock at the end (it was contended, "
+                            "taken and released between attempts)"]
+    if users:
+        said.append(f"open in {', '.join(_name(p) for p in users)}")
+    return "; ".join(said)
+
+
+def _lock_owners(path: str) -> set[int]:
+    """Pids with a POSIX write lock on SQLite's write-lock byte (/proc/locks).
+
+    The byte is fixed by SQLite's file format: byte 120 of the -shm file in WAL mode
+    (WAL_WRITE_LOCK), else the RESERVED byte 0x40000001 of the database file.
+    """
+    owners = set()
+    for file, byte in ((path + "-shm", 120), (path, 0x40000001)):
+        try:
+            st = os.stat(file)
+            with open("/proc/locks") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for fields in (line.split() for line in lines):
+            if fields[1] != "->" and fields[3] == "WRITE" and fields[5] == key \
+                    and int(fields[6]) <= byte <= _end(fields[7]) and fields[4].isdigit():
+                owners.add(int(fields[4]))
+    return owners
+
+
+def _end(field: str) -> float:
+    return float("inf") if field == "EOF" else int(field)
+
+
+def _processes_with_open(path: str) -> set[int]:
+    files = {os.path.realpath(path + suffix) for suffix in ("", "-wal", "-shm", "-journal")}
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in files
+                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                found.add(int(pid))
+        except OSError:  # gone, or not ours to look at
+            continue
+    return found
+
+
+def _name(pid: int) -> str:
     try:
-        if not conn.in_transaction:
-            raise HoldBroken(f"the write lock on {target.settings['path']} was not held at thaw")
-        conn.execute("ROLLBACK")
-    finally:
-        conn.close()
+        with open(f"/proc/{pid}/comm") as f:
+            return f"{pid} ({f.read().strip()})"
+    except OSError:
+        return str(pid)
