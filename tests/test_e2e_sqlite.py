@@ -202,3 +202,45 @@ def test_rehearsal_snapshot_of_a_busy_database_restores_with_every_committed_wri
     assert in_copy <= {i for i, _ in committed}
     # The hold was real: no commit went through while the database was held.
     assert not [t for _, t in committed if held_since + 0.5 < t < released_at]
+
+
+def holder_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_release_never_writes_to_a_frozen_filesystem(tmp_path, loopfs):
+    """Issue 12 item 1: the holder's connection is the last one on a WAL database, and
+    closing it would checkpoint and delete the -wal file. With the filesystem frozen during
+    the thaw, the release must still report ok, the holder must end (it holds the
+    single-holder lock), and after unfreezing a new freeze works on an intact database."""
+    fs = loopfs()
+    db = make_sqlite(fs.mountpoint / "app.db")  # WAL, and no connection left open
+    assert sqlite_writable(db)  # one committed row, its connection closed
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)}}, max_hold=60)
+
+    freeze = run(config, "freeze", "--json", check_json=True)
+    assert freeze.returncode == 0, freeze.stdout + freeze.stderr
+    holder = freeze.report["holder_pid"]
+    with fsfreeze.freeze([fs.mountpoint], deadline_seconds=DEADLINE) as frozen:
+        thaw = run(config, "thaw", "--json", check_json=True)
+        assert [(o["target"], o["status"]) for o in thaw.report["outcomes"]] == [("app", "ok")], \
+            thaw.stdout + thaw.stderr
+        assert thaw.returncode == 0, thaw.stdout + thaw.stderr
+        assert wait_until(lambda: holder_gone(holder), timeout=10), \
+            f"the holder is stuck on the frozen filesystem: {tasks(holder)}"
+    assert not frozen.thawed_by_watchdog, "the release waited for the filesystem to thaw"
+
+    again = run(config, "freeze", "--json", check_json=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert run(config, "thaw").returncode == 0
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert conn.execute("SELECT v FROM t").fetchall() == [("probe",)]
+    finally:
+        conn.close()
+    assert sqlite_writable(db)

@@ -130,7 +130,7 @@ def test_lock_is_taken_against_a_tight_loop_writer(tmp_path, adapters, process, 
     """Issue 12: SQLite's sleeping busy handler almost never met the gap between such a
     writer's transactions and gave up after seconds; retried promptly, the lock is had."""
     db = make_sqlite(tmp_path / "app.db", journal_mode)
-    writer = process(TIGHT_WRITER, db, 300)
+    writer = process(TIGHT_WRITER, db, 1000)
     t = target(db, busy_timeout=2)
     for _ in range(5):
         hold = adapters.call("quiesce", t)
