@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # full: 1, 8 and 32 targets, bounded stall
     python benchmarks/run.py --quick --output /tmp/x   # a few cycles, 1 target (tests)
+    python benchmarks/run.py --sqlite-lock-only        # just that figure, into results.json
 
 For SQLite, Redis, MariaDB and PostgreSQL (each started here, in temporary directories,
 on unix sockets and loopback only, and always stopped), an independent writer process
@@ -9,7 +10,8 @@ commits as fast as it can while the driver runs whole snapshot cycles through th
 pre-/post-scripts that `quiesce install azure` generated, and through a hand-written
 baseline script pair (benchmarks/baseline/). Figures: freeze latency, thaw latency, hold
 overhead, for 1, 8 and 32 targets, and the bounded stall on MariaDB behind a long
-statement. Results go to RESULTS.md and results.json in --output (default: benchmarks/);
+statement, and SQLite's lock acquisition against a writer committing back to back
+(benchmarks/sqlite_lock.py). Results go to RESULTS.md and results.json in --output (default: benchmarks/);
 a full run into benchmarks/ also refreshes the table the README quotes.
 
 No filesystem is frozen: the snapshot step is a fixed sleep, and what is measured is the
@@ -40,10 +42,12 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 import harness  # noqa: E402
 import kinds  # noqa: E402
 import report  # noqa: E402
+import sqlite_lock  # noqa: E402
 import stall  # noqa: E402
 
 FULL_CYCLES = {1: 30, 8: 12, 32: 6}
 QUICK_CYCLES = 3
+LOCK_SAMPLES = {"full": 200, "quick": 5}  # SQLite lock acquisitions per contender
 STEP = 0.3          # seconds: the snapshot step
 GAP = 0.15          # seconds between cycles, so the writer runs freely in between
 
@@ -61,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step", type=float, default=STEP, help="snapshot step in seconds")
     p.add_argument("--no-stall", dest="stall", action="store_false",
                    help="skip the MariaDB bounded-stall scenario")
+    p.add_argument("--sqlite-lock-only", action="store_true",
+                   help="measure only SQLite's lock acquisition against a tight-loop writer; "
+                        "the other figures in --output's results.json are kept")
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rewrite RESULTS.md (and, for a full run in "
                         "benchmarks/, the README table) from --output's results.json")
@@ -203,6 +210,27 @@ def update_readme(markdown_table: str) -> bool:
     return True
 
 
+def lock_only(out_dir: Path, mode: str) -> int:
+    """Measure the SQLite lock figure alone and put it into the existing results."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        print(f"{path} does not exist: run a full or quick benchmark first", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    work = Path(tempfile.mkdtemp(prefix="quiesce-bench-"))
+    try:
+        results["sqlite_lock"] = sqlite_lock.run(work, LOCK_SAMPLES[mode],
+                                                 progress=lambda s: print(s, flush=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["sqlite_lock"]["date"] = datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds")
+    path.write_text(json.dumps(finite(results), indent=2, allow_nan=False) + "\n")
+    (out_dir / "RESULTS.md").write_text(report.render(results))
+    print(f"wrote the SQLite lock figure into {path} and {out_dir / 'RESULTS.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
@@ -217,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = "quick" if args.quick else "full"
+    if args.sqlite_lock_only:
+        return lock_only(out_dir, mode)
     print(f"quiesce benchmarks ({mode}): kinds {', '.join(args.kinds)}; targets "
           f"{', '.join(map(str, args.targets))}; results in {out_dir}", flush=True)
     results: dict = {
@@ -226,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"step_s": args.step, "gap_s": GAP, "max_hold_s": harness.MAX_HOLD,
                      "targets": args.targets, "warmup_cycles": 1,
                      "cycles": {str(n): cycles_for(args, n) for n in args.targets}},
-        "startup_ms": {}, "figures": [], "stall": None, "skipped": [], "errors": [],
+        "startup_ms": {}, "figures": [], "stall": None, "sqlite_lock": None, "skipped": [], "errors": [],
     }
     results["startup_ms"] = startup_costs(3 if args.quick else 10)
     work = Path(tempfile.mkdtemp(prefix="quiesce-bench-"))
@@ -254,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                                               GAP, work, shm_root,
                                               progress=lambda s: print(s, flush=True))
                         results["figures"].append(fig.as_dict())
+                if name == "sqlite":
+                    results["sqlite_lock"] = sqlite_lock.run(
+                        work / name, LOCK_SAMPLES[mode], progress=lambda s: print(s, flush=True))
                 if name == "mariadb" and args.stall:
                     results["stall"] = stall.run_stall(
                         kind, query_s=8 if args.quick else 60, cap_s=1.0 if args.quick else 10.0,

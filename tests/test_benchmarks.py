@@ -55,7 +55,7 @@ def test_structure(quick_run):
     r, _ = quick_run
     assert r["schema"] == 1 and r["mode"] == "quick"
     for key in ("date", "machine", "versions", "settings", "startup_ms", "figures", "stall",
-                "skipped", "errors", "duration_s"):
+                "sqlite_lock", "skipped", "errors", "duration_s"):
         assert key in r, key
     assert isinstance(r["machine"]["cpus"], int) and r["machine"]["kernel"]
     assert r["settings"]["targets"] == [1]
@@ -98,6 +98,19 @@ def test_sqlite_both_contenders_held(quick_run):
     for f in sqlite:
         assert f["ok_cycles"] == f["cycles"], f["problems"]
         assert f["held_cycles"] == f["ok_cycles"], f["verdict"]
+
+
+def test_sqlite_lock_figure(quick_run):
+    r, out = quick_run
+    lock = r["sqlite_lock"]
+    assert [row["rows_per_transaction"] for row in lock["rows"]] == [1, 100]
+    for row in lock["rows"]:
+        for tool in ("quiesce", "baseline"):
+            assert row[tool]["n"] == lock["samples"] > 0
+        assert row["quiesce"]["failed"] == 0, "quiesce did not get the lock within its timeout"
+        assert isinstance(row["quiesce"]["p99"], float)
+    assert "## SQLite lock acquisition against a tight-loop writer" in (
+        out / "RESULTS.md").read_text()
 
 
 def test_stall_structure(quick_run):
