@@ -225,6 +225,8 @@ def release_all(obj: Context) -> dict:
     if needs_recovery:
         from .holder import recover
         report = recover(obj.config, obj.adapters)
+    elif report.get("action") == "nothing-held":
+        obj.config  # nothing to release: a broken config is the news (ConfigError, exit 2)
     return report
 
 

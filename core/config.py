@@ -16,6 +16,7 @@ DEFAULT_LOG_FILE = "/var/log/quiesce/quiesce.log"
 DEFAULT_MAX_HOLD = 120.0
 DEFAULT_TIMEOUT = 10.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_BARE_KEY = re.compile(r"^\s*\[*\s*([A-Za-z0-9_.-]+)")
 _GLOBAL_KEYS = {"max_hold", "timeout", "runtime_dir", "log_file", "targets"}
 
 EXAMPLE = """\
@@ -64,12 +65,52 @@ def _string(data: dict, key: str, default: str, path: str) -> str:
     return value
 
 
+def decode(path: str, raw: bytes) -> str:
+    """The file's text; bytes that are not UTF-8 are named by line (and key, if any)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        text = raw.decode("utf-8", "replace")
+        raise ConfigError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line}; save "
+                          f"the file as UTF-8", file=path, key=_key_on_line(text, line)) from None
+
+
+def _key_on_line(text: str, line: int) -> str | None:
+    """The key a line sets (or the table it opens), to name it in an error."""
+    lines = text.split("\n")
+    key = _BARE_KEY.match(lines[line - 1]) if 0 < line <= len(lines) else None
+    return key.group(1) if key else None
+
+
+def _refuse_nul(path: str, value: object, where: str = "") -> None:
+    """No path, name or secret may hold a NUL byte (TOML can spell one as \\u0000)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            full = f"{where}.{key}" if where else key
+            if "\0" in key:
+                raise ConfigError("a key may not contain a NUL character",
+                                  file=path, key=full)
+            _refuse_nul(path, item, full)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_nul(path, item, where)
+    elif isinstance(value, str) and "\0" in value:
+        raise ConfigError("may not contain a NUL character (\\u0000)", file=path, key=where)
+
+
 def parse(path: str, text: str) -> Config:
     """Parse and check the structure, without asking the adapters."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"not valid TOML: {e}", file=path) from None
+        line = re.search(r"\(at line (\d+),", str(e))
+        raise ConfigError(f"not valid TOML: {e}", file=path,
+                          key=_key_on_line(text, int(line.group(1))) if line else None) from None
+    except RecursionError:
+        raise ConfigError("not valid TOML: arrays or tables nested too deeply",
+                          file=path) from None
+    _refuse_nul(path, data)
     unknown = sorted(set(data) - _GLOBAL_KEYS)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; known keys: "
@@ -129,7 +170,7 @@ def validate_targets(config: Config, adapters: Adapters) -> None:
 def load(path: str, adapters: Adapters) -> Config:
     """Read, check permissions, parse and validate the config at *path*."""
     check_private_file(path, what="config file")
-    with open(path, encoding="utf-8") as f:
-        config = parse(path, f.read())
+    with open(path, "rb") as f:
+        config = parse(path, decode(path, f.read()))
     validate_targets(config, adapters)
     return config

@@ -29,8 +29,13 @@ class ConfigError(QuiesceError):
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
         self.file, self.key, self.reason = file, key, message
-        where = ": ".join(part for part in (file, key) if part)
+        where = ": ".join(_printable(part) for part in (file, key) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def _printable(text: str) -> str:
+    """A name from a file, on one line: a TOML key may spell a newline or a NUL."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class AdapterLoadError(QuiesceError):

@@ -51,9 +51,10 @@ def runtime_dir_of(config_file: str) -> str | None:
         import tomllib
         with open(config_file, "rb") as f:
             value = tomllib.load(f).get("runtime_dir", DEFAULT_RUNTIME_DIR)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested TOML
         return None
-    return value if isinstance(value, str) and os.path.isabs(value) else None
+    usable = isinstance(value, str) and os.path.isabs(value) and "\0" not in value
+    return value if usable else None
 
 
 def read_state(runtime_dir: str) -> dict | None:
