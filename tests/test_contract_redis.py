@@ -1,5 +1,6 @@
 """The bundled Redis adapter against the conformance kit (quiesce.testing), on real Redis
-servers started by tests/servers.py (a fresh server per test, RDB persistence).
+servers started by tests/servers.py (a fresh server per test, RDB persistence), each test
+once on Redis 7.0 and once on Valkey 8.1 (``make_redis_family``).
 
 mode = "pause" (``TestPauseContract``)
     quiesce sends ``CLIENT PAUSE <max_hold> WRITE``: writes from other clients wait, so the
@@ -124,8 +125,8 @@ class TestPauseContract(AdapterContract):
         "someone else took")
 
     @pytest.fixture
-    def harness(self, make_redis):
-        return RedisHarness(make_redis(persistence="rdb"), "pause")
+    def harness(self, make_redis_family):
+        return RedisHarness(make_redis_family(persistence="rdb"), "pause")
 
     @pytest.mark.parametrize("how", ["deadline", "restart"])
     def test_lost_session_is_reported_as_broken_hold(self, contract_kit, how):
@@ -138,5 +139,5 @@ class TestPauseContract(AdapterContract):
 
 class TestFlushOnlyContract(AdapterContract):
     @pytest.fixture
-    def harness(self, make_redis):
-        return RedisHarness(make_redis(persistence="rdb"), "flush-only")
+    def harness(self, make_redis_family):
+        return RedisHarness(make_redis_family(persistence="rdb"), "flush-only")

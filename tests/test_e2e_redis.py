@@ -1,4 +1,5 @@
-"""End to end, as root: Redis on a loop-mounted ext4, rehearsed as Azure Backup would run it.
+"""End to end, as root: Redis 7.0 and Valkey 8.1 on a loop-mounted ext4, rehearsed as Azure
+Backup would run it.
 
 Redis keeps its data directory (``dir``: the RDB, or the AOF directory) on a loop-mounted
 ext4 made by the ``loopfs`` fixture; its log and unix socket stay on the root filesystem
@@ -52,7 +53,7 @@ import pytest
 from .azurekit import install, rehearse, result, timeline
 from .helpers import run, wait_until, write_config
 from .loopfs import _mounted_from
-from .servers import RedisServer
+from .servers import REDIS_FAMILY, RedisServer, skip_or_fail
 
 MAX_HOLD = 30.0          # the pause's server-side deadline; the whole rehearsal takes a few s
 FREEZE_DEADLINE = 20     # rehearse's independent thaw, should anything hang
@@ -168,8 +169,10 @@ def _restored_keys(server: RedisServer) -> dict[str, str]:
         client.close()
 
 
+@pytest.mark.parametrize("family", sorted(REDIS_FAMILY))
 @pytest.mark.parametrize("persistence", ["aof", "rdb"])
-def test_rehearsal_snapshot_restores_every_acknowledged_write(persistence, loopfs, tmp_path):
+def test_rehearsal_snapshot_restores_every_acknowledged_write(persistence, family, loopfs,
+                                                              tmp_path):
     fs = loopfs("ext4")
     datadir = fs.mountpoint / "redis"
     snapshot = fs.image.with_name(f"snapshot-{persistence}.img")  # loopfs deletes its dir
@@ -186,7 +189,10 @@ def test_rehearsal_snapshot_restores_every_acknowledged_write(persistence, loopf
                 f.write(b"\xa5" * (1 << 20))
             f.flush()
             os.fsync(f.fileno())
-        original = RedisServer.create(persistence=persistence, datadir=datadir)
+        server_class = REDIS_FAMILY[family]
+        if server_class.missing():
+            skip_or_fail(server_class.missing())
+        original = server_class.create(persistence=persistence, datadir=datadir)
         servers.append(original)
         # Where things live: data on the loop fs, log and socket on the root fs.
         loop_dev = os.stat(fs.mountpoint).st_dev
@@ -298,7 +304,7 @@ def test_rehearsal_snapshot_restores_every_acknowledged_write(persistence, loopf
         # --- restore the copy into a fresh server ----------------------------------------
         original.cleanup()  # not needed, but the copy must not depend on it running
         copy = fs.mount_copy(snapshot)
-        restored = RedisServer.from_datadir(copy.mountpoint / "redis", persistence=persistence)
+        restored = server_class.from_datadir(copy.mountpoint / "redis", persistence=persistence)
         servers.append(restored)
         assert "DB loaded from" in restored.log_tail(200), restored.log_tail()
         got = _restored_keys(restored)
