@@ -17,7 +17,9 @@ thaw     ``CLIENT UNPAUSE``. The pause is kept by the server, not by a session, 
          the pause by itself at the deadline; a thaw after it raises HoldBroken.
 
 Redis 7.0 does not report whether a pause is active, so quiesce records the deadline
-(server clock) and the server's run_id in the hold's facts, and thaw compares.
+(server clock) and the server's run_id in the hold's facts, and thaw compares. Valkey 8
+does report it (``paused_actions`` in INFO clients): there thaw also notices a pause that
+another client's ``CLIENT UNPAUSE`` ended early.
 
 Settings: ``url`` (redis://, rediss:// or unix://; no password in it), ``username``,
 ``password_file``, ``ssl_ca_certs``/``ssl_certfile``/``ssl_keyfile`` (rediss:// only),
@@ -526,11 +528,13 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
         later = f"; Redis ends the pause by itself at {_iso(deadline_ms)}" if deadline_ms else ""
         raise TargetError(f"{e}{later}") from None
     try:
-        # One round trip: release first, then read the server's clock and identity.
+        # One round trip: whether the pause still held (Valkey 8 says; Redis 7.0 does
+        # not), the release, then the server's clock and identity.
         pipe = client.pipeline(transaction=False)
+        pipe.info("clients")
         pipe.execute_command("CLIENT", "UNPAUSE")
         pipe.info("server")
-        _, server = pipe.execute()
+        clients, _, server = pipe.execute()
     except errors.RedisError as e:
         raise TargetError(f"CLIENT UNPAUSE failed on Redis at {_where(target)}: {e}"
                           + (f"; Redis ends the pause by itself at {_iso(deadline_ms)}"
@@ -547,6 +551,10 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
         raise HoldBroken(f"the pause ended by itself at {_iso(deadline_ms)}, before thaw: the "
                          f"snapshot may contain writes made after the freeze (raise the "
                          f"target's max_hold if the snapshot takes longer)")
+    if deadline_ms is not None and clients.get("paused_actions") == "none":
+        raise HoldBroken(f"the pause on {_where(target)} had already ended before thaw (another "
+                         f"client's CLIENT UNPAUSE?): the snapshot may contain writes made "
+                         f"after the freeze")
     if deadline_ms is not None:
         result["pause_left_ms"] = deadline_ms - now_ms
     return result

