@@ -131,7 +131,7 @@ def quiesce(target: Target) -> Hold:
         raise TargetError(f"could not take the write lock on {target.settings['path']} within "
                           f"{_busy_timeout(target):g} s: it was busy at each of {attempts} "
                           f"attempts; {_who_holds(target.settings['path'])}. Raise "
-                          f"busy_timeout, or retry when that writer is done")
+                          f"busy_timeout, or retry")
     return Hold(session=conn)
 
 
@@ -184,19 +184,21 @@ def _lock_owners(path: str) -> set[int]:
     The byte is fixed by SQLite's file format: byte 120 of the -shm file in WAL mode
     (WAL_WRITE_LOCK), else the RESERVED byte 0x40000001 of the database file.
     """
+    try:
+        with open("/proc/locks") as f:
+            locks = [line.split() for line in f]
+    except OSError:
+        return set()
     owners = set()
     for file, byte in ((path + "-shm", 120), (path, 0x40000001)):
         try:
             st = os.stat(file)
-            with open("/proc/locks") as f:
-                lines = f.read().splitlines()
         except OSError:
             continue
         key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        for fields in (line.split() for line in lines):
-            if fields[1] != "->" and fields[3] == "WRITE" and fields[5] == key \
-                    and int(fields[6]) <= byte <= _end(fields[7]) and fields[4].isdigit():
-                owners.add(int(fields[4]))
+        owners |= {int(f[4]) for f in locks
+                   if f[1] != "->" and f[3] == "WRITE" and f[5] == key and f[4].isdigit()
+                   and int(f[6]) <= byte <= _end(f[7])}
     return owners
 
 
