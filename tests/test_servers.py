@@ -202,9 +202,16 @@ def test_redis_roundtrip(redis_server):
     assert client.config_get("dir") == {"dir": str(redis_server.dir)}
 
 
+def test_valkey_is_the_wheels_valkey_8(make_valkey):
+    server = make_valkey(persistence="none")
+    assert server.binary.name == "valkey-server" and server.version[:1] == (8,)
+    info = server.client().info("server")
+    assert info["server_name"] == "valkey" and info["valkey_version"].startswith("8.")
+
+
 @pytest.mark.parametrize("persistence, survives", [("rdb", True), ("aof", True), ("none", False)])
-def test_redis_persistence_modes(make_redis, tmp_path, persistence, survives):
-    server = make_redis(persistence=persistence, datadir=tmp_path / "data")
+def test_redis_persistence_modes(make_redis_family, tmp_path, persistence, survives):
+    server = make_redis_family(persistence=persistence, datadir=tmp_path / "data")
     client = server.client()
     expected_aof = "yes" if persistence == "aof" else "no"
     assert client.config_get("appendonly") == {"appendonly": expected_aof}
@@ -215,7 +222,7 @@ def test_redis_persistence_modes(make_redis, tmp_path, persistence, survives):
     assert not list((tmp_path / "data").glob("*.log")), "log must not go to the data directory"
     copy = tmp_path / "copy"
     shutil.copytree(server.dir, copy)
-    restored = make_redis.from_datadir(copy, persistence=persistence)
+    restored = make_redis_family.from_datadir(copy, persistence=persistence)
     assert restored.client().get("key") == (b"value" if survives else None)
 
 
@@ -236,7 +243,8 @@ def test_redis_password_and_acl_users(make_redis):
 # ----------------------------------------------------------------------- process lifecycle
 
 
-@pytest.mark.parametrize("factory", ["make_pg15", "make_pg18", "make_mariadb", "make_redis"])
+@pytest.mark.parametrize("factory", ["make_pg15", "make_pg18", "make_mariadb", "make_redis",
+                                     "make_valkey"])
 def test_stop_really_stops(request, factory):
     server = request.getfixturevalue(factory)()
     pids = _process_tree(server.pid)
