@@ -226,7 +226,10 @@ def release_all(obj: Context) -> dict:
         from .holder import recover
         report = recover(obj.config, obj.adapters)
     elif report.get("action") == "nothing-held":
-        obj.config  # nothing to release: a broken config is the news (ConfigError, exit 2)
+        # Nothing to release, so a broken config is the news (ConfigError, exit 2). Not
+        # obj.config: that would also open the log file, on a disk that may be frozen.
+        from .config import load
+        load(obj.config_path, obj.adapters)
     return report
 
 
