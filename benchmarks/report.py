@@ -338,6 +338,14 @@ def readme_table(r: dict) -> str:
                         if b.get("capped") else
                         f"{b['stall_beyond_step_ms']:.0f} ms with the naive FTWRL baseline."))
         lines.append("")
+    lock = {row["rows_per_transaction"]: row for row in (r.get("sqlite_lock") or {}).get("rows", ())}
+    if lock:
+        worst = max(lock.values(), key=lambda row: row["baseline"]["p99"] or 0)
+        lines.append(f"Against a SQLite writer committing back to back, quiesce took the write "
+                     f"lock in {worst['quiesce']['p99']:.0f} ms at p99 (SQLite's own busy "
+                     f"handler: {worst['baseline']['p99']:.0f} ms), with "
+                     f"{worst['rows_per_transaction']}-row transactions.")
+        lines.append("")
     lines.append(f"Medians of {r['settings']['cycles'].get('1', '?')} cycles on "
                  f"{r['machine']['cpus']} CPUs, {r['date'][:10]}; baseline: a shell script with "
                  f"the database's client kept open on a FIFO. Details, p95 and 8/32 targets: "
