@@ -325,9 +325,8 @@ def test_the_log_never_says_ok_for_a_hold_the_report_calls_broken(tmp_path):
 
 
 def test_a_refused_freeze_never_lets_thaw_report_an_earlier_cycle(tmp_path):
-    config = write_config(tmp_path, {"a": recorder(tmp_path, fail="check")},
-                          on_target_failure="release-all")
-    assert run(config, "freeze", fakes=("recorder",)).returncode == 1
+    config = write_config(tmp_path, {"a": recorder(tmp_path, fail="check")})
+    assert run(config, "freeze", fakes=("recorder",)).returncode == 1  # freeze-failed
     time.sleep(1.1)  # a later second, so the two cycles' times differ when printed
     bad = write_config(tmp_path, {"a": recorder(tmp_path, mode="nonsense")})
     refused = run(bad, "freeze", fakes=("recorder",))
