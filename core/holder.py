@@ -343,8 +343,8 @@ class Holder:
                            "held_for": round(held_for, 3), "message": message,
                            "not_held": not_held, "outcomes": [o.as_dict() for o in outcomes]}
             self.released.set()
-            if told:
-                self.answered.set()
+            if by == "freeze-failed":
+                self.answered.set()  # freeze itself reports it
             log.info("released by %s: %s", by, message)
             return self.report
 
@@ -373,14 +373,29 @@ class Holder:
     # -- control socket ----------------------------------------------------------
 
     def _thaw_now(self) -> dict[str, Any]:
-        """A thaw came (socket or FIFO): release, or, before "ready", cancel the freeze."""
+        """A thaw came (socket or FIFO): release; before "ready", cancel the freeze first.
+
+        A thaw that comes while freeze still runs waits for the step in progress to end
+        and everything to be released (within budget()), so that when the post-script
+        ends nothing is held.
+        """
         if not self.freeze_done.is_set():
+            budget = self.budget()
             self.cancel.set()  # the freeze stops at its next step and releases everything
+            if self.released.wait(timeout=budget):
+                return self.report
             return {"ok": False, "action": "freeze-in-progress", "outcomes": [],
                     "holder_pid": os.getpid(),
                     "message": f"{EARLY_THAW}: the holder (pid {os.getpid()}) releases every "
                                f"target as soon as its current step ends"}
         return self.release("thaw")
+
+    def budget(self) -> float:
+        """How long a thaw may take from now: the release, after any step in progress."""
+        if self.freeze_done.is_set():
+            return release_budget([t for t in self.config.targets if t.name in self.holds])
+        return max(hard_limit(t) for t in self.config.targets) + \
+            release_budget(self.config.targets)
 
     def _watch_fifo(self) -> None:
         """Release on the first line written to the thaw FIFO (the post-script's printf)."""
@@ -434,7 +449,7 @@ class Holder:
             return
         conn.settimeout(5.0)
         op = json.loads(conn.makefile("rb").readline() or b"{}").get("op")
-        budget = release_budget([t for t in self.config.targets if t.name in self.holds])
+        budget = self.budget()
         conn.sendall(json.dumps({"pid": os.getpid(), "budget": budget}).encode() + b"\n")
         conn.settimeout(budget + 5.0)
         if op == "thaw":
@@ -519,6 +534,8 @@ class Holder:
     def _end(self, write_log) -> None:
         """Release anything left, give up the lock, and only then touch the disk."""
         self.freeze_done.set()
+        if self.cancel.is_set():  # a thaw client may be waiting for its answer
+            self.answered.wait(timeout=5.0)
         try:
             if self.report is None and self.holds:
                 self.release("holder-error", "the holder failed and released every target")
