@@ -227,7 +227,11 @@ def thaw(obj: Context, as_json: bool, orphaned: int | None) -> None:
 
 def release_all(obj: Context) -> dict:
     """Thaw through the holder, or, with none alive, release what is recorded as held."""
-    report, needs_recovery = lean.thaw_via_holder(obj.runtime_dir())
+    from .errors import ConfigError
+    try:
+        report, needs_recovery = lean.thaw_via_holder(obj.runtime_dir())
+    except lean.UntrustedPeer as e:  # exit 2, as the lean client does
+        raise ConfigError(str(e)) from None
     if needs_recovery:
         from .holder import recover
         report = recover(obj.config, obj.adapters)

@@ -69,13 +69,18 @@ def as_nobody() -> None:
 
 # -- item 3: a thaw answered by someone else ---------------------------------------------
 
-def test_freeze_refuses_a_runtime_dir_reached_through_a_symlink(tmp_path, shared_dir):
+def linked_runtime_dir(tmp_path: Path, shared_dir: Path) -> tuple[Path, Path, Path]:
+    """(db, config, link): runtime_dir is a symlink in a shared directory, to a private one."""
     real = tmp_path / "real-run"
     real.mkdir(mode=0o700)
     link = shared_dir / "qrun"
     link.symlink_to(real)
     db = make_sqlite(tmp_path / "app.db")
-    config = write_config(tmp_path, sqlite_target(db), runtime_dir=str(link))
+    return db, write_config(tmp_path, sqlite_target(db), runtime_dir=str(link)), link
+
+
+def test_freeze_refuses_a_runtime_dir_reached_through_a_symlink(tmp_path, shared_dir):
+    db, config, link = linked_runtime_dir(tmp_path, shared_dir)
     proc = run(config, "freeze")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "symlink" in proc.stderr and str(link) in proc.stderr
@@ -138,7 +143,7 @@ def test_thaw_does_not_trust_an_answer_from_another_user(tmp_path, shared_dir):
     try:
         assert impostor.stdout.readline().strip() == "ready"
         for proc in (lean_thaw(config, timeout=60), run(config, "thaw")):
-            assert proc.returncode != 0, proc.stdout + proc.stderr
+            assert proc.returncode == 2, proc.stdout + proc.stderr
             assert "a lie" not in proc.stdout
             assert f"uid {NOBODY}" in proc.stderr or "symlink" in proc.stderr, proc.stderr
     finally:
@@ -147,12 +152,7 @@ def test_thaw_does_not_trust_an_answer_from_another_user(tmp_path, shared_dir):
 
 
 def test_doctor_says_why_a_runtime_dir_is_unsafe(tmp_path, shared_dir):
-    real = tmp_path / "real-run"
-    real.mkdir(mode=0o700)
-    link = shared_dir / "qrun"
-    link.symlink_to(real)
-    db = make_sqlite(tmp_path / "app.db")
-    config = write_config(tmp_path, sqlite_target(db), runtime_dir=str(link))
+    _, config, _ = linked_runtime_dir(tmp_path, shared_dir)
     proc = run(config, "doctor", "azure", "--root", str(tmp_path / "root"))
     assert proc.returncode == 1
     [line] = [ln for ln in proc.stdout.splitlines() if "runtime_dir is safe" in ln]
