@@ -135,7 +135,7 @@ def _ask(runtime_dir: str, op: str) -> dict[str, Any] | None:
     try:
         return request(runtime_dir, op)
     except Unresponsive as e:
-        raise BusyError(f"the holder (pid {e.pid}) does not answer within {e.waited:g} s: it "
+        raise BusyError(f"the holder (pid {e.pid or '?'}) does not answer within {e.waited:g} s: it "
                         f"is stopped or stuck; `kill {e.pid}` ends it, then run `quiesce thaw`"
                         ) from None
     except UntrustedPeer as e:

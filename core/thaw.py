@@ -45,7 +45,7 @@ class UntrustedPeer(OSError):
 class Unresponsive(Exception):
     """The holder accepted no request, or did not finish it, within its bound."""
 
-    def __init__(self, pid: int, waited: float):
+    def __init__(self, pid: int | None, waited: float):
         super().__init__(pid, waited)
         self.pid, self.waited = pid, waited
 
@@ -155,6 +155,8 @@ def request(runtime_dir: str, op: str) -> dict | None:
             sock.connect(holder_address(runtime_dir))
         except (FileNotFoundError, ConnectionRefusedError):
             return None
+        except (socket.timeout, TimeoutError):  # its backlog is full: it accepts nothing
+            raise Unresponsive(None, ANSWER_GRACE) from None
         pid, uid = peer_of(sock)
         if uid not in {0, os.geteuid()}:
             raise UntrustedPeer(f"the process answering for {runtime_dir} (pid {pid}) runs as "
@@ -166,8 +168,8 @@ def request(runtime_dir: str, op: str) -> dict | None:
             accepted = json.loads(reader.readline() or b"null")
             if accepted is None:
                 return None  # it exited while we asked: the state file tells
-            waited += float(accepted.get("budget", 0))
-            sock.settimeout(waited - ANSWER_GRACE + 1.0)
+            waited = float(accepted.get("budget", 0)) + ANSWER_GRACE
+            sock.settimeout(waited)
             answer = reader.read()
         except (socket.timeout, TimeoutError):
             raise Unresponsive(pid, waited) from None
@@ -177,12 +179,13 @@ def request(runtime_dir: str, op: str) -> dict | None:
 
 
 def unresponsive_report(error: Unresponsive, runtime_dir: str) -> dict:
+    who = f"pid {error.pid}" if error.pid else "pid unknown: see `pgrep quiesce-holder`"
     return {"ok": False, "action": "unresponsive", "holder_pid": error.pid, "outcomes": [],
             "exit_code": EXIT_BUSY,
-            "message": f"the holder (pid {error.pid}) for {runtime_dir} did not answer within "
+            "message": f"the holder ({who}) for {runtime_dir} did not answer within "
                        f"{error.waited:g} s: it is stopped or stuck, and whatever it holds "
-                       f"stays held until its watchdog fires; `kill {error.pid}` ends it "
-                       f"(releasing its sessions), then run `quiesce thaw` again"}
+                       f"stays held until its watchdog fires; killing it ends its sessions, "
+                       f"then run `quiesce thaw` again to release what servers keep"}
 
 
 def report_exit_code(report: dict) -> int:
