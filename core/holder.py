@@ -135,8 +135,9 @@ def _ask(runtime_dir: str, op: str) -> dict[str, Any] | None:
     try:
         return request(runtime_dir, op)
     except Unresponsive as e:
-        raise BusyError(f"the holder (pid {e.pid or '?'}) does not answer within {e.waited:g} s: it "
-                        f"is stopped or stuck; `kill {e.pid}` ends it, then run `quiesce thaw`"
+        pid = e.pid or "?"
+        raise BusyError(f"the holder (pid {pid}) does not answer within {e.waited:g} s: it is "
+                        f"stopped or stuck; `kill {pid}` ends it, then run `quiesce thaw`"
                         ) from None
     except UntrustedPeer as e:
         raise BusyError(str(e)) from None
