@@ -174,8 +174,10 @@ def check(obj: Context, as_json: bool) -> None:
 def freeze(obj: Context, as_json: bool) -> None:
     """Check, flush and quiesce every target; hold them until thaw.
 
-    Returns once every target is quiesced and held by a detached holder process, or
-    after releasing everything when any target fails (exit 1, naming it).
+    Returns once every target is quiesced and held by a detached holder process. When
+    a target fails it exits 1 naming it; the others stay held for the snapshot and are
+    named as consistent (on_target_failure = "hold-others", the default), or everything
+    is released at once ("release-all").
     """
     from .holder import prepare_runtime_dir, start, take_lock
     started, started_at = time.monotonic(), time.time()
