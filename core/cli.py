@@ -174,43 +174,51 @@ def check(obj: Context, as_json: bool) -> None:
 def freeze(obj: Context, as_json: bool) -> None:
     """Check, flush and quiesce every target; hold them until thaw.
 
-    Returns once every target is quiesced and held by a detached holder process, or
-    after releasing everything when any target fails (exit 1, naming it).
+    Returns once every target is quiesced and held by a detached holder process. When
+    a target fails it exits 1 naming it; the others stay held for the snapshot and are
+    named as consistent (on_target_failure = "hold-others", the default), or everything
+    is released at once ("release-all").
     """
     from .holder import prepare_runtime_dir, start, take_lock
     started, started_at = time.monotonic(), time.time()
     # The lock first, before adapters load: a thaw that comes meanwhile sees a freeze
     # is starting, leaves a note, and this freeze releases everything when it sees it.
     runtime_dir = lean.runtime_dir_of(obj.config_path)
-    lock_fd = None
+    lock = None
     if runtime_dir:  # unreadable or relative: the config check below says what is wrong
         prepare_runtime_dir(runtime_dir)
-        lock_fd = take_lock(runtime_dir)
+        lock = take_lock(runtime_dir, supersede=True)
+        # This cycle's record from the start: if the config is refused below, thaw must
+        # not present an earlier cycle's record as this one's.
+        lean.write_state(runtime_dir, {"version": 1, "phase": "starting", "holder_pid": None,
+                                       "started_at": started_at, "targets": []})
     if runtime_dir and obj.config.runtime_dir != runtime_dir:
         raise QuiesceError(f"runtime_dir changed while loading {obj.config_path}")
-    report = start(obj.config, obj.adapters, lock_fd=lock_fd, started=started_at)
+    report = start(obj.config, obj.adapters, lock=lock, started=started_at)
     emit(report, as_json, started, fast_exit=True)
 
 
 @cli.command()
 @json_option
-@click.option("--orphaned", is_flag=True, hidden=True,
-              help="Run by the stand-in watchdog: act only if no holder is alive.")
+@click.option("--orphaned", type=int, metavar="PID", hidden=True,
+              help="Run by the stand-in watchdog of holder PID: act only on its record.")
 @click.pass_obj
 @command
-def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
+def thaw(obj: Context, as_json: bool, orphaned: int | None) -> None:
     """Release every target in reverse order; report any hold that broke.
 
     Works with no holder alive (it crashed, was killed, or its watchdog fired): server-kept
     states are released from the record on tmpfs. A second thaw is a no-op that says so.
+    A holder that does not answer is given up on within its release budget plus 5 s:
+    exit 3, naming its pid.
     """
     started = time.monotonic()
     obj.buffer_logs = True  # disks may still be frozen
-    if orphaned:
+    if orphaned is not None:
         from .errors import BusyError
         from .holder import recover
         try:
-            report = recover(obj.config, obj.adapters, orphaned=True)
+            report = recover(obj.config, obj.adapters, orphaned_by=orphaned)
         except BusyError:
             return  # the holder is alive: its own watchdog is in charge
     else:
@@ -221,7 +229,11 @@ def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
 
 def release_all(obj: Context) -> dict:
     """Thaw through the holder, or, with none alive, release what is recorded as held."""
-    report, needs_recovery = lean.thaw_via_holder(obj.runtime_dir())
+    from .errors import ConfigError
+    try:
+        report, needs_recovery = lean.thaw_via_holder(obj.runtime_dir())
+    except lean.UntrustedPeer as e:  # exit 2, as the lean client does
+        raise ConfigError(str(e)) from None
     if needs_recovery:
         from .holder import recover
         report = recover(obj.config, obj.adapters)
@@ -241,7 +253,10 @@ def status(obj: Context, as_json: bool) -> None:
     """Show whether anything is held, since when, and the watchdog deadline."""
     started = time.monotonic()
     runtime_dir = obj.runtime_dir()
-    state = lean.request(runtime_dir, "status", timeout=5.0) or lean.read_state(runtime_dir)
+    try:
+        state = lean.request(runtime_dir, "status") or lean.read_state(runtime_dir)
+    except lean.Unresponsive as e:
+        emit(lean.unresponsive_report(e, runtime_dir), as_json, started)
     if state is None:
         report = {"ok": True, "held": False, "message": "nothing held; no freeze recorded"}
     else:
@@ -444,7 +459,7 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
     from .holder import start
     started = time.monotonic()
     freeze_report = start(obj.config, obj.adapters)
-    if not freeze_report["ok"]:
+    if not freeze_report["ok"] and freeze_report["action"] != "partly-frozen":
         emit(freeze_report, as_json, started)
     try:
         proc = subprocess.run(list(snapshot_command), stdin=subprocess.DEVNULL)

@@ -17,7 +17,9 @@ DEFAULT_MAX_HOLD = 120.0
 DEFAULT_TIMEOUT = 10.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BARE_KEY = re.compile(r"^\s*\[*\s*([A-Za-z0-9_.-]+)")
-_GLOBAL_KEYS = {"max_hold", "timeout", "runtime_dir", "log_file", "targets"}
+_GLOBAL_KEYS = {"max_hold", "timeout", "runtime_dir", "log_file", "on_target_failure", "targets"}
+#: What freeze does with the targets it could quiesce when another one fails.
+ON_TARGET_FAILURE = ("hold-others", "release-all")
 
 EXAMPLE = """\
 # quiesce config: chmod 600, owned by root. Times are in seconds.
@@ -25,6 +27,7 @@ max_hold = 120                 # the longest any target stays quiesced; then the
 timeout = 10                   # the longest any single step may take (connect, lock wait, statement)
 runtime_dir = "/run/quiesce"   # must be on tmpfs: it is written while disks are frozen
 log_file = "/var/log/quiesce/quiesce.log"
+on_target_failure = "hold-others"   # or "release-all"; freeze exits 1 either way
 
 [targets.app]
 kind = "sqlite"
@@ -40,6 +43,7 @@ class Config:
     timeout: float = DEFAULT_TIMEOUT
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     log_file: str | None = DEFAULT_LOG_FILE
+    on_target_failure: str = ON_TARGET_FAILURE[0]
 
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
@@ -118,6 +122,10 @@ def parse(path: str, text: str) -> Config:
     max_hold = _number(data, "max_hold", DEFAULT_MAX_HOLD, path)
     timeout = _number(data, "timeout", DEFAULT_TIMEOUT, path)
     runtime_dir = _string(data, "runtime_dir", DEFAULT_RUNTIME_DIR, path)
+    on_failure = data.get("on_target_failure", ON_TARGET_FAILURE[0])
+    if on_failure not in ON_TARGET_FAILURE:
+        raise ConfigError(f"expected one of {', '.join(map(repr, ON_TARGET_FAILURE))}, got "
+                          f"{on_failure!r}", file=path, key="on_target_failure")
     log_file = data.get("log_file", DEFAULT_LOG_FILE)
     if log_file is not None and (not isinstance(log_file, str)):
         raise ConfigError(f"expected a path or \"\" for no log file, got {log_file!r}",
@@ -147,7 +155,7 @@ def parse(path: str, text: str) -> Config:
         targets.append(Target(name=name, kind=kind, settings=settings, timeout=target_timeout,
                               max_hold=max_hold, config_file=path))
     return Config(path=path, targets=targets, max_hold=max_hold, timeout=timeout,
-                  runtime_dir=runtime_dir, log_file=log_file or None)
+                  runtime_dir=runtime_dir, log_file=log_file or None, on_target_failure=on_failure)
 
 
 def validate_targets(config: Config, adapters: Adapters) -> None:

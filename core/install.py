@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .fsfreeze import fs_type
 from .hosts import Host, InstallSettings
 from .holder import freeze_budget
+from .thaw import unsafe_runtime_dir
 
 MANIFEST_DIR = "/etc/quiesce"
 SHIM_MARKERS = ("/shims/", "/.pyenv/shims", "/.asdf/shims", "/mise/shims")
@@ -176,6 +177,10 @@ def doctor_checks(host: Host, installer: Installer, config: Config | None,
         findings.append(finding("config is valid", True, config.path))
         kind = fs_type(config.runtime_dir if os.path.exists(config.runtime_dir)
                        else os.path.dirname(config.runtime_dir))
+        unsafe = unsafe_runtime_dir(config.runtime_dir)
+        findings.append(finding("runtime_dir is safe", unsafe is None, unsafe and (
+            f"{unsafe}: another user could answer thaw in the holder's place, so freeze "
+            f"refuses it; use a directory under /run") or config.runtime_dir))
         findings.append(finding("runtime_dir is on tmpfs", kind in {"tmpfs", "ramfs"},
                                 f"{config.runtime_dir} is on {kind}" + (
                                     "" if kind in {"tmpfs", "ramfs"} else

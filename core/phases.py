@@ -59,8 +59,13 @@ def hard_limit(target: Target) -> float:
     return target.timeout * 4 + 5
 
 
-def call(adapters: Adapters, hook: str, target: Target, **kwargs: Any) -> tuple[Outcome, Any]:
-    """Call *hook* for *target*; never raises."""
+def call(adapters: Adapters, hook: str, target: Target, *,
+         judge: Callable[[Outcome], None] | None = None, **kwargs: Any) -> tuple[Outcome, Any]:
+    """Call *hook* for *target*; never raises.
+
+    *judge* may change the outcome (a release that worked, of a hold that had already
+    broken, is "broken") before it is logged, so the log and the report say the same.
+    """
     started = time.monotonic()
     result, error, status = None, None, "ok"
     try:
@@ -77,7 +82,10 @@ def call(adapters: Adapters, hook: str, target: Target, **kwargs: Any) -> tuple[
     if facts:  # a copy that JSON can carry: an adapter's datetime must not break a report
         facts = json.loads(json.dumps(facts, default=str))
     outcome = Outcome(target.name, target.kind, hook, status, duration, facts or None, error)
-    log.info("%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, status,
+    if judge is not None:
+        judge(outcome)
+    error = outcome.error
+    log.info("%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, outcome.status,
              duration * 1000, f": {error}" if error else "")
     return outcome, result
 

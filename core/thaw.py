@@ -12,26 +12,87 @@ report goes to stdout (DESIGN.md invariant 2).
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import os
 import socket
+import stat
+import struct
 import sys
 import time
 
 DEFAULT_CONFIG = "/etc/quiesce/quiesce.toml"
 DEFAULT_RUNTIME_DIR = "/run/quiesce"
 ENV_CONFIG = "QUIESCE_CONFIG"
-SOCKET_NAME = "holder.sock"
 #: The post-script writes a line here with the shell's printf before Python starts, so
 #: the holder starts releasing a few milliseconds into the post-script.
 FIFO_NAME = "thaw.fifo"
 STATE_NAME = "state.json"
-LOCK_NAME = "lock"
 THAW_REQUEST_NAME = "thaw-requested"
+#: How long a client waits for the holder to accept a request. A holder that is stopped
+#: or stuck never does; the release itself then gets the budget the holder announces.
+ANSWER_GRACE = 5.0
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a target failed, or a hold did not cover the whole window (cli.EXIT_CODES)
+EXIT_BUSY = 3    # a holder that does not answer (cli.EXIT_CODES)
+
+
+class UntrustedPeer(OSError):
+    """Something other than our holder answered, or the runtime dir could be replaced."""
+
+
+class Unresponsive(Exception):
+    """The holder accepted no request, or did not finish it, within its bound."""
+
+    def __init__(self, pid: int | None, waited: float):
+        super().__init__(pid, waited)
+        self.pid, self.waited = pid, waited
+
+
+def holder_address(runtime_dir: str) -> bytes:
+    """The holder's abstract unix socket: one per runtime_dir path, bound for its life.
+
+    An abstract name lives exactly as long as the socket, whatever happens to files:
+    deleting the runtime dir can neither let a second holder start nor hide a live one.
+    """
+    digest = hashlib.sha256(os.path.abspath(runtime_dir).encode()).hexdigest()[:32]
+    return b"\0quiesce-holder-" + digest.encode()
+
+
+def unsafe_runtime_dir(path: str) -> str | None:
+    """Why another user could replace *path* or a directory above it; None if none could.
+
+    Walks from / with lstat (a symlink is never followed): every existing component must
+    be a real directory owned by root or by us, and not writable by group or others
+    unless the sticky bit stops them from renaming what is ours (/tmp, /dev/shm).
+    """
+    me, current = os.geteuid(), "/"
+    for part in os.path.abspath(path).split("/"):
+        current = os.path.join(current, part)
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return None  # created by us, 0700, under a directory checked above
+        except OSError as e:
+            return f"{current} cannot be checked: {e.strerror}"
+        if stat.S_ISLNK(st.st_mode):
+            return f"{current} is a symlink; name the real directory"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{current} is not a directory"
+        if st.st_uid not in {0, me}:
+            return f"{current} belongs to uid {st.st_uid}, who could replace what is below it"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return (f"{current} is writable by group or others without the sticky bit, so "
+                    f"they could replace what is below it")
+    return None
+
+
+def peer_of(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a connected unix socket."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      struct.calcsize("3i")))
+    return pid, uid
 
 #: Statuses a target can end in; only "ok" means app-consistent for that target.
 BAD_STATUSES = {"failed", "broken"}
@@ -81,34 +142,56 @@ def write_state(runtime_dir: str, state: dict) -> None:
     write_state_file(os.path.join(runtime_dir, STATE_NAME), json.dumps(state, default=str))
 
 
-def request(runtime_dir: str, op: str, *, timeout: float) -> dict | None:
-    """Send *op* to the holder; ``None`` when no holder is listening."""
-    path = os.path.join(runtime_dir, SOCKET_NAME)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        if len(path.encode()) < 100:
-            sock.connect(path)
-        else:  # sun_path holds 107 bytes: connect by a relative name from inside the dir
-            cwd = os.open(".", os.O_RDONLY)
-            try:
-                os.chdir(runtime_dir)
-                sock.connect(SOCKET_NAME)
-            finally:
-                os.fchdir(cwd)
-                os.close(cwd)
-        with sock:
+def request(runtime_dir: str, op: str) -> dict | None:
+    """Send *op* to the holder; ``None`` when no holder is listening.
+
+    The holder accepts at once with its pid and how long the answer may take (its
+    release budget); Unresponsive when it does not accept within ANSWER_GRACE or does
+    not answer within that budget, UntrustedPeer when the peer is not root or us.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with sock:
+        sock.settimeout(ANSWER_GRACE)
+        try:
+            sock.connect(holder_address(runtime_dir))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except (socket.timeout, TimeoutError):  # its backlog is full: it accepts nothing
+            raise Unresponsive(None, ANSWER_GRACE) from None
+        pid, uid = peer_of(sock)
+        if uid not in {0, os.geteuid()}:
+            raise UntrustedPeer(f"the process answering for {runtime_dir} (pid {pid}) runs as "
+                                f"uid {uid}, not root or us; refusing to trust it")
+        waited = ANSWER_GRACE
+        try:
             sock.sendall(json.dumps({"op": op}).encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-    except (FileNotFoundError, ConnectionError):
-        sock.close()
-        return None  # no holder, or it exited while answering: the state file tells
-    return json.loads(b"".join(chunks)) if chunks else None
+            reader = sock.makefile("rb")
+            accepted = json.loads(reader.readline() or b"null")
+            if accepted is None:
+                return None  # it exited while we asked: the state file tells
+            waited = float(accepted.get("budget", 0)) + ANSWER_GRACE
+            sock.settimeout(waited)
+            answer = reader.read()
+        except (socket.timeout, TimeoutError):
+            raise Unresponsive(pid, waited) from None
+        except ConnectionError:
+            return None
+    return json.loads(answer) if answer else None
+
+
+def unresponsive_report(error: Unresponsive, runtime_dir: str) -> dict:
+    who = f"pid {error.pid}" if error.pid else "pid unknown: see `pgrep quiesce-holder`"
+    return {"ok": False, "action": "unresponsive", "holder_pid": error.pid, "outcomes": [],
+            "exit_code": EXIT_BUSY,
+            "message": f"the holder ({who}) for {runtime_dir} did not answer within "
+                       f"{error.waited:g} s: it is stopped or stuck, and whatever it holds "
+                       f"stays held until its watchdog fires; killing it ends its sessions, "
+                       f"then run `quiesce thaw` again to release what servers keep"}
 
 
 def report_exit_code(report: dict) -> int:
+    if "exit_code" in report:
+        return report["exit_code"]
     return EXIT_FAILED if not report.get("ok", False) else EXIT_OK
 
 
@@ -140,6 +223,11 @@ def state_report(state: dict | None, runtime_dir: str) -> tuple[dict, bool]:
     pending = [t for t in state.get("targets", ()) if t["status"] in {"held", "quiescing"}]
     if pending:
         return {}, True
+    if state.get("phase") == "starting" and not state.get("holder_pid"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("started_at") or 0))
+        return {"ok": True, "action": "nothing-held", "outcomes": [],
+                "message": f"nothing to thaw: the freeze started at {when} ended before it "
+                           f"held anything (its own output says why)"}, False
     if state.get("acknowledged"):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.get("released_at") or 0))
         return {"ok": True, "action": "nothing-held", "outcomes": [],
@@ -174,29 +262,31 @@ def thaw_requested_since(runtime_dir: str, since: float) -> bool:
 
 
 def freeze_in_progress(runtime_dir: str) -> bool:
-    """Does a freeze or holder hold the lock (without answering on the socket)?"""
-    try:
-        fd = os.open(os.path.join(runtime_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    """Is the holder's name bound by a freeze still starting (not listening yet)?"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with probe:
+        try:
+            probe.bind(holder_address(runtime_dir))
+        except OSError:
+            return True
+    return False
 
 
-def thaw_via_holder(runtime_dir: str, *, timeout: float = 300.0) -> tuple[dict | None, bool]:
+def thaw_via_holder(runtime_dir: str) -> tuple[dict | None, bool]:
     """Release through the holder, or from the state file alone.
 
     Returns ``(report, needs_recovery)``: when *needs_recovery* is true, targets are still
     recorded as held and no holder is alive, so the adapters must release them.
     """
-    report = request(runtime_dir, "thaw", timeout=timeout)
+    try:
+        report = request(runtime_dir, "thaw")
+    except Unresponsive as e:
+        return unresponsive_report(e, runtime_dir), False
     if report is not None:
         return report, False
+    reason = unsafe_runtime_dir(runtime_dir)
+    if reason:  # what is in it could have been put there by someone else
+        raise UntrustedPeer(f"refusing runtime_dir {runtime_dir}: {reason}")
     try:  # no holder reads it any more: never let lines pile up in it
         os.unlink(os.path.join(runtime_dir, FIFO_NAME))
     except OSError:
@@ -237,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     if runtime_dir is not None:
         try:
             report, needs_recovery = thaw_via_holder(runtime_dir)
+        except UntrustedPeer as e:
+            sys.stderr.write(f"quiesce thaw: {e}\n")
+            return 2
         except (OSError, ValueError) as e:
             sys.stderr.write(f"quiesce thaw: cannot reach the holder in {runtime_dir}: {e}\n")
     if needs_recovery:

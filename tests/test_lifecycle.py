@@ -60,10 +60,11 @@ def test_hook_order_for_n_targets_and_reverse_thaw(tmp_path):
     assert [c.split()[1] for c in calls[-4:]] == names[::-1]
 
 
-def test_failed_quiesce_releases_the_others_and_names_the_target(tmp_path):
+def test_release_all_failed_quiesce_releases_the_others_and_names_the_target(tmp_path):
     db = make_sqlite(tmp_path / "app.db")
     config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)},
-                                     "b": recorder(tmp_path, fail="quiesce", sleep={"quiesce": 0.3})})
+                                     "b": recorder(tmp_path, fail="quiesce", sleep={"quiesce": 0.3})},
+                          on_target_failure="release-all")
     proc = run(config, "freeze", "--json", fakes=("recorder",), check_json=True)
     assert proc.returncode == 1
     report = proc.report
@@ -78,8 +79,9 @@ def test_failed_quiesce_releases_the_others_and_names_the_target(tmp_path):
     assert thaw.returncode == 0 and "nothing to thaw" in thaw.stdout
 
 
-def test_failed_check_quiesces_nothing(tmp_path):
-    config = write_config(tmp_path, {"a": recorder(tmp_path), "b": recorder(tmp_path, fail="check")})
+def test_release_all_failed_check_quiesces_nothing(tmp_path):
+    config = write_config(tmp_path, {"a": recorder(tmp_path), "b": recorder(tmp_path, fail="check")},
+                          on_target_failure="release-all")
     proc = run(config, "freeze", fakes=("recorder",))
     assert proc.returncode == 1
     assert "b (check)" in proc.stdout
@@ -191,7 +193,7 @@ def test_control_socket_and_runtime_dir_are_private(sqlite_config, tmp_path):
     assert run(config, "freeze").returncode == 0
     run_dir = tmp_path / "run"
     assert run_dir.stat().st_mode & 0o777 == 0o700
-    assert (run_dir / "holder.sock").stat().st_mode & 0o777 == 0o600
+    assert (run_dir / "thaw.fifo").stat().st_mode & 0o777 == 0o600
     assert (run_dir / "state.json").stat().st_mode & 0o777 == 0o600
 
 
