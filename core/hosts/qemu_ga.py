@@ -165,8 +165,8 @@ class QemuGuestAgentHost(Host):
             hook = None
         if hook is not None:
             return hook or DISPATCHERS[0], f"{CONFIG_FILE} (fsfreeze-hook)"
-        where = "the running agent's arguments and " if self.root == "/" else ""
-        return None, f"neither {where}{CONFIG_FILE} enable a hook"
+        running = "no running qemu-ga has -F and " if self.root == "/" else ""
+        return None, f"{running}{CONFIG_FILE} sets no fsfreeze-hook"
 
     def predict(self) -> Verdict:
         hook = self.path(self.hook_path())
@@ -232,11 +232,14 @@ class QemuGuestAgentHost(Host):
                                 "freezes only what --freeze names (never every filesystem)")
         binary = self.agent_binary()
         with tempfile.TemporaryDirectory(prefix="quiesce-qga-hook-") as tmp:
-            dispatcher = self._private_dispatcher(tmp)
+            # As the machine's agent would: no hook at all when it runs none.
+            dispatcher = None if verdict.code == 3 else self._private_dispatcher(tmp)
             try:
                 with fsfreeze.guard(rehearsal.freeze_mounts, deadline_seconds=rehearsal.freeze_deadline,
                                     allow_root=rehearsal.allow_root_freeze) as mounts:
                     if binary:
+                        if dispatcher is None:
+                            event("the agent runs no hook (see validation): started without -F")
                         self._drive_agent(binary, dispatcher, mounts, rehearsal, report, event)
                     else:
                         report["note"] = "qemu-ga is not installed: its dispatcher was emulated"
@@ -305,14 +308,18 @@ class QemuGuestAgentHost(Host):
 
     def _emulate(self, dispatcher, mounts, rehearsal, report, event) -> None:
         """No qemu-ga here: the dispatcher with freeze, FIFREEZE, snapshot, FITHAW, thaw."""
-        run = lambda arg: subprocess.run([dispatcher, arg], stdin=subprocess.DEVNULL,
-                                         capture_output=True, timeout=self.options.agent_timeout)
-        event(f"emulated: {dispatcher} freeze exited {run('freeze').returncode}")
+        def run(arg: str) -> str:  # output to /dev/null, as qemu-ga 7.2 spawns its hook
+            if dispatcher is None:
+                return "not run (hooks disabled)"
+            return "exited %d" % subprocess.run(
+                [dispatcher, arg], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, timeout=self.options.agent_timeout).returncode
+        event(f"emulated: hook with freeze {run('freeze')}")
         with fsfreeze.freeze(mounts, deadline_seconds=rehearsal.freeze_deadline,
                              allow_root=rehearsal.allow_root_freeze):
             event(f"emulated: froze {', '.join(mounts)}")
             snapshot_step(rehearsal.snapshot, report, event)
-        event(f"emulated: thawed; {dispatcher} thaw exited {run('thaw').returncode}")
+        event(f"emulated: thawed; hook with thaw {run('thaw')}")
 
     def _result(self, report, event, rehearsal: Rehearsal, error: str | None) -> dict[str, Any]:
         """What the hypervisor records, and what quiesce itself saw (the truth)."""

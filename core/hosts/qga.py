@@ -75,9 +75,10 @@ class AgentClient:
 
 
 class PrivateAgent:
-    """A qemu-ga of our own: unix socket, state dir and log in a temp dir, hook *hook*."""
+    """A qemu-ga of our own: unix socket, state dir, log and an empty config file in a
+    temp dir (the machine's own qemu-ga.conf is never read); hook *hook*, or none."""
 
-    def __init__(self, binary: str, hook: str):
+    def __init__(self, binary: str, hook: str | None):
         self.binary, self.hook = binary, hook
         self.dir = tempfile.mkdtemp(prefix="quiesce-qga-")
         self.socket = os.path.join(self.dir, "qga.sock")
@@ -87,12 +88,15 @@ class PrivateAgent:
     def argv(self) -> list[str]:
         # -F takes its argument attached (an optional argument to getopt).
         return [self.binary, "-m", "unix-listen", "-p", self.socket, "-t", self.dir,
-                "-f", os.path.join(self.dir, "qga.pid"), "-l", self.log, f"-F{self.hook}"]
+                "-f", os.path.join(self.dir, "qga.pid"), "-l", self.log,
+                *([f"-F{self.hook}"] if self.hook else [])]
 
     def __enter__(self) -> PrivateAgent:
+        conf = os.path.join(self.dir, "qemu-ga.conf")
+        open(conf, "w").close()
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     cwd="/")
+                                     cwd="/", env={**os.environ, "QGA_CONF": conf})
         end = time.monotonic() + START_TIMEOUT
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > end:
