@@ -56,6 +56,8 @@ class QemuGaOptions(HostOptions):
                                verbs=("install",))
     agent: str = option("", "The qemu-ga binary [default: the one installed].",
                         verbs=("doctor", "rehearse"), metavar="PATH")
+    emulate: bool = option(False, "Emulate the agent (its dispatcher, FIFREEZE, FITHAW) even "
+                                  "where qemu-ga is installed.", verbs=("rehearse",))
     agent_timeout: float = option(60.0, "How long the rehearsal, playing the hypervisor, waits "
                                         "for each reply of the agent.",
                                   verbs=("rehearse",), metavar="SECONDS")
@@ -230,7 +232,7 @@ class QemuGuestAgentHost(Host):
         if not rehearsal.freeze_mounts:
             return self._result(report, event, rehearsal, "no mount named: the rehearsal "
                                 "freezes only what --freeze names (never every filesystem)")
-        binary = self.agent_binary()
+        binary = None if self.options.emulate else self.agent_binary()
         with tempfile.TemporaryDirectory(prefix="quiesce-qga-hook-") as tmp:
             # As the machine's agent would: no hook at all when it runs none.
             dispatcher = None if verdict.code == 3 else self._private_dispatcher(tmp)
@@ -242,7 +244,9 @@ class QemuGuestAgentHost(Host):
                             event("the agent runs no hook (see validation): started without -F")
                         self._drive_agent(binary, dispatcher, mounts, rehearsal, report, event)
                     else:
-                        report["note"] = "qemu-ga is not installed: its dispatcher was emulated"
+                        report["note"] = ("qemu-ga was emulated (" + ("--emulate" if self.options.emulate
+                                          else "not installed") + "): its dispatcher was run "
+                                          "and the mounts frozen by quiesce, not by the agent")
                         self._emulate(dispatcher, mounts, rehearsal, report, event)
             except fsfreeze.FreezeError as e:
                 report["error"] = str(e)
@@ -268,11 +272,10 @@ class QemuGuestAgentHost(Host):
         return target
 
     def _drive_agent(self, binary, dispatcher, mounts, rehearsal, report, event) -> None:
-        timeout = self.options.agent_timeout
         try:
             with PrivateAgent(binary, dispatcher) as agent:
                 event(f"started {' '.join(agent.argv())}")
-                client = agent.client(timeout)
+                client = agent.client(self.options.agent_timeout)
                 try:
                     client.sync()
                     event("guest-sync answered")
@@ -282,26 +285,30 @@ class QemuGuestAgentHost(Host):
                               f"{', '.join(mounts)}")
                         event(f"guest-fsfreeze-status: {client.call('guest-fsfreeze-status')}")
                         snapshot_step(rehearsal.snapshot, report, event)
-                    finally:
-                        client = self._thaw(agent, client, timeout, report, event)
+                    except AgentError as e:
+                        report["agent_error"] = str(e)
+                        event(f"agent: {e}")
+                    client = self._thaw(agent, client, rehearsal, report, event)
                 finally:
                     client.close()
         except (AgentError, OSError) as e:
-            report["agent_error"] = str(e)
+            report.setdefault("agent_error", str(e))
             event(f"agent: {e}")
 
     @staticmethod
-    def _thaw(agent, client, timeout, report, event):
-        """guest-fsfreeze-thaw, as the hypervisor sends it even after a failed freeze."""
-        try:
-            count = client.call("guest-fsfreeze-thaw")
-        except AgentError as e:  # a timed-out connection may be mid-reply: use a new one
-            event(f"guest-fsfreeze-thaw on the first connection: {e}")
-            report["agent_error"] = report.get("agent_error") or str(e)
+    def _thaw(agent, client, rehearsal, report, event):
+        """guest-fsfreeze-thaw, as the hypervisor sends it even after a failed freeze.
+
+        After a timed-out reply the agent may still be running the freeze (its hook, then
+        FIFREEZE); a new connection is served only when it is done, so it gets until the
+        freeze deadline, when the guard thaws anyway.
+        """
+        if client.out_of_step:
             client.close()
-            client = agent.client(timeout)
+            event("reconnecting: the agent is still busy with the timed-out command")
+            client = agent.client(rehearsal.freeze_deadline)
             client.sync()
-            count = client.call("guest-fsfreeze-thaw")
+        count = client.call("guest-fsfreeze-thaw")
         event(f"guest-fsfreeze-thaw thawed {count} filesystem(s)")
         event(f"guest-fsfreeze-status: {client.call('guest-fsfreeze-status')}")
         return client
@@ -339,8 +346,8 @@ class QemuGuestAgentHost(Host):
         else:
             report.update(code=2, status="error", consistency="none",
                           message=error or report.get("agent_error") or "the snapshot failed")
-        report.update(health_code=None if report["code"] == 0 else report["validation"]["code"] or None,
-                      health_name=None)
+        health = report["validation"] if report["code"] and report["validation"]["code"] else {}
+        report.update(health_code=health.get("code"), health_name=health.get("name"))
         event(f"result: {report['code']} {report['message']}")
         return report
 

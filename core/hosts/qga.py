@@ -35,6 +35,9 @@ class AgentClient:
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.buffer = b""
+        #: A reply did not come in time: it may still come, so replies on this
+        #: connection no longer match commands. Use a new connection (and guest-sync).
+        self.out_of_step = False
 
     def close(self) -> None:
         self.sock.close()
@@ -44,6 +47,7 @@ class AgentClient:
             try:
                 chunk = self.sock.recv(65536)
             except socket.timeout:
+                self.out_of_step = True
                 raise AgentError(f"no reply within {self.sock.gettimeout():g} s") from None
             if not chunk:
                 raise AgentError("the agent closed the connection")
