@@ -8,7 +8,6 @@ dispatcher and the hook ``install qemu-ga --root ROOT`` wrote.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import run
+from .helpers import rehearse_host, run
 
 QEMU_GA = "/usr/sbin/qemu-ga"
 DISPATCHER = "/etc/qemu/fsfreeze-hook"
@@ -45,15 +44,7 @@ def install(config: Path, root: Path, log_dir: Path, *extra: str):
 
 
 def rehearse(config: Path, root: Path, *extra: str, timeout: float = 120):
-    proc = run(config, "rehearse", "qemu-ga", "--root", str(root), "--json", *extra,
-               timeout=timeout)
-    try:
-        proc.report = json.loads(proc.stdout)
-    except ValueError:
-        raise AssertionError(f"rehearse printed no JSON (exit {proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}") from None
-    assert proc.returncode == (0 if proc.report["code"] == 0 else 1), proc.stderr
-    return proc
+    return rehearse_host("qemu-ga", config, root, *extra, timeout=timeout)
 
 
 def events(report: dict) -> list[str]:

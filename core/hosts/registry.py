@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..plugins import distribution_of, load_failure
 from . import BUNDLED_HOSTS, ENTRY_POINT_GROUP, Host
-
-log = logging.getLogger(__name__)
 
 #: Set to 1 to load no third-party host at all.
 ENV_DISABLE_EXTERNAL = "QUIESCE_DISABLE_EXTERNAL_HOSTS"
@@ -62,8 +60,7 @@ def _external(hosts: dict[str, HostInfo], warnings: list[str]) -> None:
     disabled = {n.strip() for n in os.environ.get(ENV_DISABLED, "").split(",") if n.strip()}
     strict = os.environ.get(ENV_STRICT, "") in {"1", "true"}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.metadata["Name"] if ep.dist else "unknown distribution"
-        version = ep.dist.version if ep.dist else "?"
+        dist, version = distribution_of(ep)
         if ep.name in disabled:
             continue
         if ep.name in hosts:
@@ -73,13 +70,7 @@ def _external(hosts: dict[str, HostInfo], warnings: list[str]) -> None:
         try:
             cls = _load_class(ep.value)
         except Exception as e:
-            message = (f"host {ep.name!r} from {dist} {version} failed to load "
-                       f"({type(e).__name__}: {e}); it is skipped. Disable it with "
-                       f"{ENV_DISABLED}={ep.name} or: pip uninstall {dist}")
-            if strict:
-                raise ConfigError(message) from e
-            log.debug("host load failure", exc_info=True)
-            warnings.append(message)
+            load_failure("host", ep, e, ENV_DISABLED, strict, warnings)
             continue
         hosts[ep.name] = HostInfo(ep.name, cls, dist, version, False)
 
