@@ -117,6 +117,41 @@ def _verdict(code: int, message: str) -> Verdict:
     return Verdict(code, CODES.get(code, "error"), message)
 
 
+def _plugin_config(data: dict, plugin_config_path: str, max_timeout: float) -> Verdict | PluginConfig:
+    """The JSON's keys as the host reads them, with its defaults and its type quirks."""
+    # The host reads timeoutInSeconds first; a bool is a number to its min() (True = 1).
+    timeout = data.get("timeoutInSeconds", 10)
+    if not isinstance(timeout, (int, float)):
+        return _verdict(304, f"timeoutInSeconds is {timeout!r}; the host needs a number")
+    try:
+        config = PluginConfig(pre=str(data["preScriptLocation"]),
+                              post=str(data["postScriptLocation"]))
+    except KeyError as e:
+        return _verdict(305, f"{plugin_config_path} lacks the mandatory key {e}")
+    config.timeout = min(timeout, max_timeout)
+    if "ScriptsExecutionPollTimeSeconds" in data:
+        try:
+            poll = int(data["ScriptsExecutionPollTimeSeconds"])
+        except ValueError:  # caught by the host's get_config
+            return _verdict(305, "ScriptsExecutionPollTimeSeconds is not a number")
+        except TypeError:  # not caught there: PluginHost turns it into 304
+            return _verdict(304, "ScriptsExecutionPollTimeSeconds has the wrong JSON type")
+        if 1 <= poll <= 5:
+            config.poll = poll  # out of range is silently ignored by the host
+    try:  # each element str()-ed; a bare string is iterated per character, as by the host
+        config.pre_params = [str(p) for p in data.get("preScriptParams", [])]
+        config.post_params = [str(p) for p in data.get("postScriptParams", [])]
+    except TypeError:
+        return _verdict(304, "preScriptParams/postScriptParams must be JSON arrays")
+    # Wrong types here pass validation and break the host only when a script fails;
+    # they are kept as they are so the rehearsal can show exactly that (see quirks()).
+    config.pre_retries = data.get("preScriptNoOfRetries", 0)
+    config.post_retries = data.get("postScriptNoOfRetries", 0)
+    config.continue_on_failure = data.get("continueBackupOnFailure", True)
+    config.fs_freeze = data.get("fsFreezeEnabled", True)
+    return config
+
+
 class AzureHost(Host):
     name = "azure"
     description = "Azure Backup (VMSnapshotLinux extension): pre- and post-script"
@@ -195,33 +230,50 @@ class AzureHost(Host):
                                 f"the watchdog could release before the post-script")]
 
     def validate(self, extension_dir: str | None = None) -> Verdict:
+        """The host's checks in its order: plugin host conf, plugin JSON, then the scripts."""
+        found = self._host_conf(extension_dir)
+        if isinstance(found, Verdict):
+            return found
+        plugin_config_path, max_timeout = found
+        data = self._plugin_json(plugin_config_path)
+        if isinstance(data, Verdict):
+            return data
+        config = _plugin_config(data, plugin_config_path, max_timeout)
+        if isinstance(config, Verdict):
+            return config
+        self.plugin_config = config
+        return self._scripts_verdict(config)
+
+    def _host_conf(self, extension_dir: str | None) -> Verdict | tuple[str, float]:
+        """VMSnapshotPluginHost.conf: where the plugin JSON is, and the longest timeout."""
         host_conf = self.path(HOST_CONF)
         if not os.path.isfile(host_conf):
             host_conf = os.path.join(extension_dir, "main", "VMSnapshotPluginHost.conf") \
                 if extension_dir else None
         if host_conf is None:  # doctor: the extension ships a valid one in its directory
-            plugin_config_path, max_timeout = CONFIG_JSON, MAX_TIMEOUT
-        else:
-            if not os.path.isfile(host_conf):
-                return _verdict(313, f"neither {HOST_CONF} nor the extension's own "
-                                     f"main/VMSnapshotPluginHost.conf exists")
-            st = os.stat(host_conf)
-            perm = _digits(st)
-            if perm[1] not in "04" or perm[2] not in "04" or _owner(st) != self.owner:
-                return _verdict(314, f"{host_conf} has mode {perm} owner {_owner(st)}; the host "
-                                     f"wants no group/other write and owner {self.owner}")
-            try:
-                parser = configparser.ConfigParser()
-                parser.read(host_conf)
-                section = parser["pre_post"]
-                if int(section.get("numberOfPlugins", "0")) != 1 or \
-                        section.get("pluginName0") != "ScriptRunner":
-                    return _verdict(304, f"{host_conf} loads plugins other than one ScriptRunner; "
-                                         f"quiesce cannot predict what they do")
-                plugin_config_path = section["pluginConfigPath0"]
-                max_timeout = min(int(section["timeoutInSeconds"]), MAX_TIMEOUT)
-            except (KeyError, ValueError, configparser.Error) as e:
-                return _verdict(304, f"{host_conf} cannot be parsed: {e}")
+            return CONFIG_JSON, MAX_TIMEOUT
+        if not os.path.isfile(host_conf):
+            return _verdict(313, f"neither {HOST_CONF} nor the extension's own "
+                                 f"main/VMSnapshotPluginHost.conf exists")
+        st = os.stat(host_conf)
+        perm = _digits(st)
+        if perm[1] not in "04" or perm[2] not in "04" or _owner(st) != self.owner:
+            return _verdict(314, f"{host_conf} has mode {perm} owner {_owner(st)}; the host "
+                                 f"wants no group/other write and owner {self.owner}")
+        try:
+            parser = configparser.ConfigParser()
+            parser.read(host_conf)
+            section = parser["pre_post"]
+            if int(section.get("numberOfPlugins", "0")) != 1 or \
+                    section.get("pluginName0") != "ScriptRunner":
+                return _verdict(304, f"{host_conf} loads plugins other than one ScriptRunner; "
+                                     f"quiesce cannot predict what they do")
+            return section["pluginConfigPath0"], min(int(section["timeoutInSeconds"]), MAX_TIMEOUT)
+        except (KeyError, ValueError, configparser.Error) as e:
+            return _verdict(304, f"{host_conf} cannot be parsed: {e}")
+
+    def _plugin_json(self, plugin_config_path: str) -> Verdict | dict:
+        """The plugin JSON, if the host would read it: present, owned and moded as it demands."""
         json_path = self.path(plugin_config_path)
         if not os.path.isfile(json_path):
             return _verdict(316, f"{plugin_config_path} does not exist: pre/post scripts are "
@@ -239,37 +291,9 @@ class AzureHost(Host):
             return _verdict(305, f"{plugin_config_path} is not valid JSON for the host: {e}")
         if not isinstance(data, dict):
             return _verdict(304, f"{plugin_config_path} must hold a JSON object")
-        # The host reads timeoutInSeconds first; a bool is a number to its min() (True = 1).
-        timeout = data.get("timeoutInSeconds", 10)
-        if not isinstance(timeout, (int, float)):
-            return _verdict(304, f"timeoutInSeconds is {timeout!r}; the host needs a number")
-        try:
-            config = PluginConfig(pre=str(data["preScriptLocation"]),
-                                  post=str(data["postScriptLocation"]))
-        except KeyError as e:
-            return _verdict(305, f"{plugin_config_path} lacks the mandatory key {e}")
-        config.timeout = min(timeout, max_timeout)
-        if "ScriptsExecutionPollTimeSeconds" in data:
-            try:
-                poll = int(data["ScriptsExecutionPollTimeSeconds"])
-            except ValueError:  # caught by the host's get_config
-                return _verdict(305, "ScriptsExecutionPollTimeSeconds is not a number")
-            except TypeError:  # not caught there: PluginHost turns it into 304
-                return _verdict(304, "ScriptsExecutionPollTimeSeconds has the wrong JSON type")
-            if 1 <= poll <= 5:
-                config.poll = poll  # out of range is silently ignored by the host
-        try:  # each element str()-ed; a bare string is iterated per character, as by the host
-            config.pre_params = [str(p) for p in data.get("preScriptParams", [])]
-            config.post_params = [str(p) for p in data.get("postScriptParams", [])]
-        except TypeError:
-            return _verdict(304, "preScriptParams/postScriptParams must be JSON arrays")
-        # Wrong types here pass validation and break the host only when a script fails;
-        # they are kept as they are so the rehearsal can show exactly that (see quirks()).
-        config.pre_retries = data.get("preScriptNoOfRetries", 0)
-        config.post_retries = data.get("postScriptNoOfRetries", 0)
-        config.continue_on_failure = data.get("continueBackupOnFailure", True)
-        config.fs_freeze = data.get("fsFreezeEnabled", True)
-        self.plugin_config = config
+        return data
+
+    def _scripts_verdict(self, config: PluginConfig) -> Verdict:
         for script, missing, denied in ((config.pre, 302, 306), (config.post, 303, 307)):
             path = self.path(script)
             if not os.path.isfile(path):
