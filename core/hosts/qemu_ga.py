@@ -138,6 +138,19 @@ class QemuGuestAgentHost(Host):
             files.append(HostFile(CONFIG_FILE, self._config_with_hook(), 0o644))
         return files
 
+    def install(self, settings: InstallSettings, *, force: bool = False) -> list[str]:
+        """Install, then say exactly what else the agent needs to run the hook."""
+        actions = super().install(settings, force=force)
+        verdict = self.predict()
+        if verdict.code == 3:
+            actions.append(f"NOTE: qemu-ga runs no fsfreeze hook yet. Rerun with --enable-hook, "
+                           f"or set `fsfreeze-hook={self.dispatcher()}` under [general] in "
+                           f"{CONFIG_FILE} (or start qemu-ga with -F); then restart the agent")
+        elif self.options.enable_hook and self.root == "/" and _running_agents():
+            actions.append("NOTE: restart the agent (systemctl restart qemu-guest-agent): it "
+                           f"reads {CONFIG_FILE} only when it starts")
+        return actions
+
     def _config_with_hook(self) -> str:
         """The agent's config with fsfreeze-hook set, keeping every other key it has."""
         parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
