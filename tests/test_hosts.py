@@ -124,8 +124,8 @@ def test_fake_third_party_host_installs_doctors_and_rehearses(tmp_path, loopfs, 
     assert report["freeze"]["mounts"] == [str(fs.mountpoint)]
     assert sqlite_writable(db)
 
-    # The same host without its post-script: the watchdog-free truth is a failed result,
-    # and `quiesce thaw` still releases the target.
+    # The same host with an agent that never runs post.sh: the result is not application-
+    # consistent, the target stays held (until max_hold), and `quiesce thaw` releases it.
     proc = run(config, "rehearse", "fakehost", "--root", str(root), "--script-dir", "/opt/fake",
                "--skip-post", "--wait", "0", "--json", fakes=("fakehost",))
     assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == 1
