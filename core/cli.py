@@ -457,7 +457,7 @@ def _doctor_all(ctx: click.Context, root: str, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     obj: Context = ctx.obj
-    present = [info for _, info in sorted(_load_hosts().items()) if info.cls.agent()]
+    present = [info for _, info in sorted(_load_hosts().items()) if info.agent()]
     context = _doctor_context(obj) if present else None
     reports = [_doctor_one(info.cls(root), context) for info in present]
     ok = bool(reports) and all(r["ok"] for r in reports)

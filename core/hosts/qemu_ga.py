@@ -38,6 +38,7 @@ from .rehearsal import Timeline, holds, new_report, snapshot_failed, snapshot_st
 AGENT_PATHS = ("/usr/sbin/qemu-ga", "/usr/bin/qemu-ga", "/usr/local/bin/qemu-ga")
 #: The dispatcher qemu-ga runs for a bare -F (Debian, upstream), then RHEL's.
 DISPATCHERS = ("/etc/qemu/fsfreeze-hook", "/etc/qemu-ga/fsfreeze-hook")
+#: Where qemu-ga reads its config unless the binary names another (QGA_CONF_DEFAULT).
 CONFIG_FILE = "/etc/qemu/qemu-ga.conf"
 HOOK_NAME = "quiesce"  # no suffix: the dispatcher skips *.sample, *.dpkg-*, *~ and the like
 AGENT_LOG = "qemu-ga-hook.log"
@@ -49,10 +50,9 @@ CODES = {0: "HooksRun", 1: "HookNotInstalled", 2: "DispatcherMissing", 3: "Hooks
 @dataclass
 class QemuGaOptions(HostOptions):
     hook_dir: str = option("", "The agent's fsfreeze-hook.d [default: next to the dispatcher "
-                               "this machine has: /etc/qemu or /etc/qemu-ga].",
-                           verbs=("install", "uninstall", "doctor", "rehearse"), metavar="DIR")
-    enable_hook: bool = option(False, f"Also write {CONFIG_FILE} with fsfreeze-hook set, so "
-                                      f"qemu-ga runs hooks (restart the agent after).",
+                               "this machine has: /etc/qemu or /etc/qemu-ga].", metavar="DIR")
+    enable_hook: bool = option(False, "Also write the agent's qemu-ga.conf with fsfreeze-hook "
+                                      "set, so qemu-ga runs hooks (restart the agent after).",
                                verbs=("install",))
     agent: str = option("", "The qemu-ga binary [default: the one installed].",
                         verbs=("doctor", "rehearse"), metavar="PATH")
@@ -114,6 +114,15 @@ class QemuGuestAgentHost(Host):
             return os.path.join(os.path.dirname(self.options.hook_dir.rstrip("/")), "fsfreeze-hook")
         return next((d for d in DISPATCHERS if os.path.exists(self.path(d))), DISPATCHERS[0])
 
+    def config_file(self) -> str:
+        """The agent's config file, as compiled into the agent (distributions differ)."""
+        try:
+            with open(self.agent_binary() or "", "rb") as f:
+                found = re.search(rb"\0(/[\w./-]+/qemu-ga\.conf)\0", f.read())
+        except OSError:
+            found = None
+        return found.group(1).decode() if found else CONFIG_FILE
+
     def hook_dir(self) -> str:
         return self.options.hook_dir.rstrip("/") or self.dispatcher() + ".d"
 
@@ -135,7 +144,7 @@ class QemuGuestAgentHost(Host):
                 "exit 0\n")
         files = [HostFile(self.hook_path(), hook, 0o700, shell=True)]
         if self.options.enable_hook:
-            files.append(HostFile(CONFIG_FILE, self._config_with_hook(), 0o644))
+            files.append(HostFile(self.config_file(), self._config_with_hook(), 0o644))
         return files
 
     def install(self, settings: InstallSettings, *, force: bool = False) -> list[str]:
@@ -145,17 +154,17 @@ class QemuGuestAgentHost(Host):
         if verdict.code == 3:
             actions.append(f"NOTE: qemu-ga runs no fsfreeze hook yet. Rerun with --enable-hook, "
                            f"or set `fsfreeze-hook={self.dispatcher()}` under [general] in "
-                           f"{CONFIG_FILE} (or start qemu-ga with -F); then restart the agent")
+                           f"{self.config_file()} (or start qemu-ga with -F); then restart the agent")
         elif self.options.enable_hook and self.root == "/" and _running_agents():
             actions.append("NOTE: restart the agent (systemctl restart qemu-guest-agent): it "
-                           f"reads {CONFIG_FILE} only when it starts")
+                           f"reads {self.config_file()} only when it starts")
         return actions
 
     def _config_with_hook(self) -> str:
         """The agent's config with fsfreeze-hook set, keeping every other key it has."""
         parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
         parser.optionxform = str  # GKeyFile keys are case-sensitive
-        parser.read(self.path(CONFIG_FILE))
+        parser.read(self.path(self.config_file()))
         if not parser.has_section("general"):
             parser.add_section("general")
         parser["general"]["fsfreeze-hook"] = self.dispatcher()
@@ -173,15 +182,16 @@ class QemuGuestAgentHost(Host):
                 if hook:
                     return hook, f"the running agent's arguments ({' '.join(argv)})"
         parser = configparser.ConfigParser(interpolation=None, delimiters=("=",))
+        config_file = self.config_file()
         try:
-            parser.read(self.path(CONFIG_FILE))
+            parser.read(self.path(config_file))
             hook = parser.get("general", "fsfreeze-hook", fallback=None)
         except configparser.Error:
             hook = None
         if hook is not None:
-            return hook or DISPATCHERS[0], f"{CONFIG_FILE} (fsfreeze-hook)"
+            return hook or DISPATCHERS[0], f"{config_file} (fsfreeze-hook)"
         running = "no running qemu-ga has -F and " if self.root == "/" else ""
-        return None, f"{running}{CONFIG_FILE} sets no fsfreeze-hook"
+        return None, f"{running}{config_file} sets no fsfreeze-hook"
 
     def predict(self) -> Verdict:
         hook = self.path(self.hook_path())
@@ -195,7 +205,7 @@ class QemuGuestAgentHost(Host):
         program, source = self.enabled_hook()
         if program is None:
             return _verdict(3, f"qemu-ga runs no hook: {source}. Run `quiesce install qemu-ga "
-                               f"--enable-hook` (writes {CONFIG_FILE}), then restart the agent")
+                               f"--enable-hook` (writes {self.config_file()}), then restart the agent")
         if os.path.realpath(self.path(program)) != os.path.realpath(dispatcher):
             return _verdict(4, f"qemu-ga runs {program} (from {source}), not {self.dispatcher()}: "
                                f"our hook runs only if that program runs {self.hook_dir()}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..plugins import distribution_of, load_failure
 from . import BUNDLED_HOSTS, ENTRY_POINT_GROUP, Host
+
+log = logging.getLogger(__name__)
 
 #: Set to 1 to load no third-party host at all.
 ENV_DISABLE_EXTERNAL = "QUIESCE_DISABLE_EXTERNAL_HOSTS"
@@ -34,8 +37,16 @@ class HostInfo:
     version: str
     bundled: bool
 
+    def agent(self) -> str | None:
+        """The host's agent on this machine; a third-party host whose check breaks has none."""
+        try:
+            return self.cls.agent()
+        except Exception:
+            log.debug("agent() of host %r failed", self.name, exc_info=True)
+            return None
+
     def as_dict(self) -> dict[str, Any]:
-        agent = self.cls.agent()
+        agent = self.agent()
         return {"name": self.name, "description": self.cls.description,
                 "agent_present": agent is not None, "agent": agent, "bundled": self.bundled,
                 "distribution": self.distribution, "version": self.version}
