@@ -75,6 +75,7 @@ class Writer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        handle = None
         try:
             handle = self.connect()
             i = 0
@@ -85,6 +86,9 @@ class Writer(threading.Thread):
                 time.sleep(0.002)
         except BaseException as e:  # reported by the test
             self.error = e
+        finally:
+            if handle is not None:
+                handle.close()  # an open SQLite file keeps the loop mount busy
 
     def finish(self) -> None:
         self.stop.set()
