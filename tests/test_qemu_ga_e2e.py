@@ -22,6 +22,7 @@ name; the rehearsal's guard thaws it at its deadline and when it ends).
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -31,7 +32,7 @@ import psycopg
 import pymysql
 import pytest
 
-from .helpers import make_sqlite, write_config
+from .helpers import make_sqlite, run, write_config
 from .qgakit import Writer, events, install, rehearse, require_agent, stage_root, thaw_mount, when
 from .test_e2e_mariadb import check_every_table
 from .test_e2e_postgresql import amcheck
@@ -127,6 +128,8 @@ def test_real_qemu_ga_freeze_restores_every_acknowledged_write(
         for w in writers.values():
             w.stop.set()
         thaw_mount(fs)
+        run(config, "thaw")  # whatever a failure left held
+        shutil.rmtree(runtime, ignore_errors=True)
     for w in writers.values():
         w.finish()
     redis.stop()
