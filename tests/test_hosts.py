@@ -151,3 +151,6 @@ def test_doctor_without_a_host_checks_every_host_whose_agent_is_present(tmp_path
     # Nothing is installed under the root: no host would run quiesce.
     assert report["ok"] is False and proc.returncode == 1
     assert report["hosts"][0]["host_code"] == 1
+    text = run(config, "doctor", "--root", str(tmp_path / "root"), fakes=("fakehost",))
+    assert "== fakehost" in text.stdout and "== azure" not in text.stdout
+    assert "fakehost: the next backup would NOT be application-consistent" in text.stdout
