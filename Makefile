@@ -6,11 +6,11 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEBIAN_PACKAGES := python3-venv postgresql mariadb-server redis-server sqlite3 \
-                   util-linux dash xfsprogs btrfs-progs psmisc
+                   util-linux dash xfsprogs btrfs-progs psmisc qemu-guest-agent
 # A binary from each package, to skip apt-get when everything is already there.
 NEEDED_BINARIES := /usr/lib/postgresql/15/bin/postgres /usr/sbin/mariadbd \
                    /usr/bin/redis-server /usr/bin/sqlite3 /usr/sbin/fsfreeze /usr/bin/dash \
-                   /usr/sbin/mkfs.xfs /usr/sbin/mkfs.btrfs /usr/bin/fuser
+                   /usr/sbin/mkfs.xfs /usr/sbin/mkfs.btrfs /usr/bin/fuser /usr/sbin/qemu-ga
 
 .PHONY: test demo bench deps venv clean
 

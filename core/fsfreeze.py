@@ -566,3 +566,34 @@ def freeze(
             watchdog.stop(done=not frozen)  # no-op when already stopped above
         for fd in fds:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def guard(
+    mountpoints: Iterable[str | os.PathLike[str]],
+    *,
+    deadline_seconds: float,
+    allow_root: bool = False,
+) -> Iterator[list[str]]:
+    """Bound a freeze that someone else makes (a guest agent), as ``freeze()`` bounds ours.
+
+    The mounts are checked as ``freeze()`` checks them and yielded as resolved mount
+    points. An independent watchdog thaws them all when the deadline passes or this
+    process dies; when the ``with`` block ends, each one is thawed here (a thaw of a
+    filesystem that is not frozen does nothing), however the block ended.
+    """
+    mounts = _validate(mountpoints, allow_root)
+    watchdog = _Watchdog(mounts, time.monotonic() + deadline_seconds)
+    try:
+        for k in range(len(mounts)):
+            watchdog.send(f"+{k}")
+            watchdog.send(f"={k}")
+        yield mounts
+    finally:
+        failed = False
+        for mp in reversed(mounts):
+            try:
+                thaw(mp)
+            except FreezeError:
+                failed = True
+        watchdog.stop(done=not failed)  # not done: it thaws what we could not

@@ -14,7 +14,7 @@ from typing import Any
 from .config import Config
 from .errors import ConfigError
 from .fsfreeze import fs_type
-from .hosts import Host, InstallSettings
+from .hosts import DoctorContext, Finding, Host, InstallSettings
 from .holder import freeze_budget
 from .thaw import unsafe_runtime_dir
 
@@ -65,7 +65,7 @@ class Installer:
     def install(self, settings: InstallSettings, *, force: bool = False) -> list[str]:
         manifest = self.manifest()
         actions = []
-        files = self.host.files(settings)
+        files = self.host.render(settings)
         # Check everything before writing anything: all or nothing.
         for hf in files:
             path = self.host.path(hf.path)
@@ -130,68 +130,65 @@ def _write(path: str, content: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def finding(name: str, ok: bool, message: str, *, warning: bool = False) -> dict[str, Any]:
-    return {"check": name, "ok": ok, "warning": warning, "message": message}
-
-
-def doctor_checks(host: Host, installer: Installer, config: Config | None,
-                  config_error: str | None, check_outcomes: list | None) -> list[dict[str, Any]]:
-    """quiesce's own checks of an installation, beyond what the host validates."""
+def doctor_checks(host: Host, installer: Installer, context: DoctorContext) -> list[Finding]:
+    """quiesce's own checks of an installation, the same for every host."""
     findings = []
     settings = installer.manifest().get("settings")
     if settings is None:
-        findings.append(finding("installed", False, f"{installer.manifest_path} is missing: "
+        findings.append(Finding("installed", False, f"{installer.manifest_path} is missing: "
                                                     f"run `quiesce install {host.name}`"))
-    for hf_role, path in (("pre-script", getattr(host, "plugin_config", None) and
-                           host.plugin_config.pre),
-                          ("post-script", getattr(host, "plugin_config", None) and
-                           host.plugin_config.post)):
-        if not path or not os.path.isfile(host.path(path)):
-            continue
-        proc = subprocess.run([DASH, "-n", host.path(path)], capture_output=True, text=True)
-        findings.append(finding(f"{hf_role} is POSIX sh", proc.returncode == 0,
-                                proc.stderr.strip() or f"{path} parses with dash -n"))
-    if settings:
-        for key in ("python", "thaw_script"):
-            path = settings[key]
-            usable = os.path.isfile(path) and (key != "python" or os.access(path, os.X_OK))
-            findings.append(finding(f"{key} exists", usable, f"{path}" if usable else
-                                    f"{path} is missing; reinstall quiesce or run `quiesce install "
-                                    f"{host.name}` again"))
-        log_dir = settings["log_dir"]
-        findings.append(finding("log directory exists", os.path.isdir(log_dir),
-                                f"{log_dir}" if os.path.isdir(log_dir) else
-                                f"{log_dir} is missing, so the scripts cannot log and fail; run "
-                                f"`quiesce install {host.name}` again"))
-        if config is not None:
-            current = settings_for(config, log_dir=settings["log_dir"], python=settings["python"])
-            stale = [hf.path for hf in host.files(current)
-                     if _sha256(host.path(hf.path)) != hashlib.sha256(hf.content.encode()).hexdigest()]
-            findings.append(finding("files match the config", not stale,
-                                    "up to date" if not stale else
-                                    f"{', '.join(stale)} differ from what the current config "
-                                    f"needs; run `quiesce install {host.name}` again"))
-    if config_error:
-        findings.append(finding("config is valid", False, config_error))
-    elif config is not None:
-        findings.append(finding("config is valid", True, config.path))
+    else:
+        findings += _installed_checks(host, settings, context.config)
+    if context.config_error:
+        findings.append(Finding("config is valid", False, context.config_error))
+    elif context.config is not None:
+        config = context.config
+        findings.append(Finding("config is valid", True, config.path))
         kind = fs_type(config.runtime_dir if os.path.exists(config.runtime_dir)
                        else os.path.dirname(config.runtime_dir))
         unsafe = unsafe_runtime_dir(config.runtime_dir)
-        findings.append(finding("runtime_dir is safe", unsafe is None, unsafe and (
+        findings.append(Finding("runtime_dir is safe", unsafe is None, unsafe and (
             f"{unsafe}: another user could answer thaw in the holder's place, so freeze "
             f"refuses it; use a directory under /run") or config.runtime_dir))
-        findings.append(finding("runtime_dir is on tmpfs", kind in {"tmpfs", "ramfs"},
+        findings.append(Finding("runtime_dir is on tmpfs", kind in {"tmpfs", "ramfs"},
                                 f"{config.runtime_dir} is on {kind}" + (
                                     "" if kind in {"tmpfs", "ramfs"} else
                                     "; the holder writes there while disks are frozen and would "
                                     "hang: use a directory under /run")))
-        if config.max_hold < 90:
-            findings.append(finding("max_hold covers the host's freeze", True, warning=True,
-                                    message=f"max_hold is {config.max_hold:g} s; the host may keep "
-                                            f"disks frozen up to 60 s after the pre-script, so the "
-                                            f"watchdog could release before the post-script"))
-    for outcome in check_outcomes or ():
-        findings.append(finding(f"target {outcome['target']} ({outcome['kind']}) check",
+    for outcome in context.check_outcomes:
+        findings.append(Finding(f"target {outcome['target']} ({outcome['kind']}) check",
                                 outcome["status"] == "ok", outcome.get("error") or "ok"))
+    return findings
+
+
+def _installed_checks(host: Host, settings: dict[str, Any], config: Config | None) -> list[Finding]:
+    """The installed files against what they were rendered from, and what they call."""
+    findings = []
+    recorded = InstallSettings(**settings)
+    for hf in host.render(recorded):
+        path = host.path(hf.path)
+        if hf.shell and os.path.isfile(path):
+            proc = subprocess.run([DASH, "-n", path], capture_output=True, text=True)
+            findings.append(Finding(f"{os.path.basename(hf.path)} is POSIX sh",
+                                    proc.returncode == 0,
+                                    proc.stderr.strip() or f"{hf.path} parses with dash -n"))
+    for key in ("python", "thaw_script"):
+        path = settings[key]
+        usable = os.path.isfile(path) and (key != "python" or os.access(path, os.X_OK))
+        findings.append(Finding(f"{key} exists", usable, f"{path}" if usable else
+                                f"{path} is missing; reinstall quiesce or run `quiesce install "
+                                f"{host.name}` again"))
+    log_dir = settings["log_dir"]
+    findings.append(Finding("log directory exists", os.path.isdir(log_dir),
+                            f"{log_dir}" if os.path.isdir(log_dir) else
+                            f"{log_dir} is missing, so the scripts cannot log and fail; run "
+                            f"`quiesce install {host.name}` again"))
+    if config is not None:
+        current = settings_for(config, log_dir=log_dir, python=settings["python"])
+        stale = [hf.path for hf in host.render(current)
+                 if _sha256(host.path(hf.path)) != hashlib.sha256(hf.content.encode()).hexdigest()]
+        findings.append(Finding("files match the config", not stale,
+                                "up to date" if not stale else
+                                f"{', '.join(stale)} differ from what the current config "
+                                f"needs; run `quiesce install {host.name}` again"))
     return findings

@@ -83,11 +83,26 @@ class Adapters:
         return caller(target=target, **kwargs)
 
 
-def _distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+def distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
     dist = ep.dist
     if dist is None:
         return "unknown distribution", "?"
     return dist.metadata["Name"], dist.version
+
+
+def load_failure(what: str, ep: importlib.metadata.EntryPoint, error: Exception,
+                 disable_env: str, strict: bool, warnings: list[str]) -> str:
+    """A third-party plugin failed to load: one warning naming it and how to disable it
+    (an error in strict mode). Shared by adapters and hosts."""
+    dist, version = distribution_of(ep)
+    message = (f"{what} {ep.name!r} from {dist} {version} failed to load "
+               f"({type(error).__name__}: {error}); it is skipped. Disable it with "
+               f"{disable_env}={ep.name} or: pip uninstall {dist}")
+    if strict:
+        raise (AdapterLoadError if what == "adapter" else ConfigError)(message) from error
+    log.debug("%s load failure", what, exc_info=True)
+    warnings.append(message)
+    return message
 
 
 def load_adapters(*, load_entrypoints: bool = True) -> Adapters:
@@ -117,7 +132,7 @@ def load_adapters(*, load_entrypoints: bool = True) -> Adapters:
         disabled = {k.strip() for k in os.environ.get(ENV_DISABLED, "").split(",") if k.strip()}
         strict = os.environ.get(ENV_STRICT, "") in {"1", "true"}
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist, version = _distribution_of(ep)
+            dist, version = distribution_of(ep)
             if ep.name in disabled:
                 log.debug("third-party adapter %r (%s %s) disabled by %s",
                           ep.name, dist, version, ENV_DISABLED)
@@ -134,13 +149,7 @@ def load_adapters(*, load_entrypoints: bool = True) -> Adapters:
             except Exception as e:
                 if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
-                message = (f"adapter {ep.name!r} from {dist} {version} failed to load "
-                           f"({type(e).__name__}: {e}); it is skipped. Disable it with "
-                           f"{ENV_DISABLED}={ep.name} or: pip uninstall {dist}")
-                if strict:
-                    raise AdapterLoadError(message) from e
-                log.debug("adapter load failure", exc_info=True)
-                warnings.append(message)
+                load_failure("adapter", ep, e, ENV_DISABLED, strict, warnings)
                 continue
             origins[ep.name] = (dist, version)
     pm.check_pending()

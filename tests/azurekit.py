@@ -14,7 +14,7 @@ import os
 import shlex
 from pathlib import Path
 
-from .helpers import make_sqlite, records, run, write_config
+from .helpers import make_sqlite, records, rehearse_host, run, write_config
 
 JSON_PATH = "/etc/azure/VMSnapshotScriptPluginConfig.json"
 HOST_CONF_PATH = "/etc/azure/VMSnapshotPluginHost.conf"
@@ -102,15 +102,7 @@ class Stage:
 def rehearse(config: Path, root: Path, *extra: str, fakes: tuple[str, ...] = (),
              timeout: float = 90):
     """`quiesce rehearse azure --root ROOT --json ...`; the parsed report is ``.report``."""
-    proc = run(config, "rehearse", "azure", "--root", str(root), "--json", *extra,
-               fakes=fakes, timeout=timeout)
-    try:
-        proc.report = json.loads(proc.stdout)
-    except ValueError:
-        raise AssertionError(f"rehearse printed no JSON (exit {proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}") from None
-    assert proc.returncode == (0 if proc.report["code"] == 0 else 1), proc.stderr
-    return proc
+    return rehearse_host("azure", config, root, *extra, fakes=fakes, timeout=timeout)
 
 
 def install(config: Path, root: Path, log_dir: Path, *extra: str, fakes: tuple[str, ...] = ()):

@@ -51,6 +51,20 @@ def run(config: Path | None, *args: str, fakes: tuple[str, ...] = (), timeout: f
     return proc
 
 
+def rehearse_host(host: str, config: Path, root: Path, *extra: str, fakes: tuple[str, ...] = (),
+                  timeout: float = 90) -> subprocess.CompletedProcess:
+    """`quiesce rehearse HOST --root ROOT --json ...`; the parsed report is ``.report``."""
+    proc = run(config, "rehearse", host, "--root", str(root), "--json", *extra,
+               fakes=fakes, timeout=timeout)
+    try:
+        proc.report = json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError(f"rehearse printed no JSON (exit {proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}") from None
+    assert proc.returncode == (0 if proc.report["code"] == 0 else 1), proc.stderr
+    return proc
+
+
 def make_sqlite(path: Path, journal_mode: str = "wal") -> Path:
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA journal_mode={journal_mode}")

@@ -366,3 +366,40 @@ def test_copy_made_while_frozen_mounts_and_holds_what_was_written(loopfs, fstype
     assert (restored.mountpoint / "synced").read_bytes() == b"synced\n"
     assert (restored.mountpoint / "unsynced").read_bytes() == big
     assert_writable(restored.mountpoint)  # mounted read-write
+
+
+# ------------------------------------------------------------------ guard (an agent freezes)
+
+
+def agent_freeze(mountpoint: Path) -> None:
+    """Freeze as a guest agent would: another process, not this module."""
+    subprocess.run(["fsfreeze", "-f", str(mountpoint)], check=True, timeout=30)
+
+
+def test_guard_thaws_what_someone_else_froze_when_the_block_ends(loopfs):
+    fs = loopfs()
+    writer = None
+    with pytest.raises(RuntimeError, match="snapshot failed"):
+        with fsfreeze.guard([fs.mountpoint], deadline_seconds=120) as mounts:
+            assert mounts == [str(fs.mountpoint)]
+            agent_freeze(fs.mountpoint)
+            writer = start_writer(fs.mountpoint / "during")
+            assert_blocked(writer)
+            raise RuntimeError("snapshot failed")
+    assert finished_at(writer, 30) is not None, "the guard did not thaw on its way out"
+    assert_writable(fs.mountpoint)
+
+
+def test_guard_watchdog_thaws_at_the_deadline_while_the_block_still_runs(loopfs):
+    fs = loopfs()
+    with fsfreeze.guard([fs.mountpoint], deadline_seconds=1):
+        agent_freeze(fs.mountpoint)
+        writer = start_writer(fs.mountpoint / "late")
+        assert finished_at(writer, 30) is not None, "the watchdog did not thaw at the deadline"
+    assert_writable(fs.mountpoint)
+
+
+def test_guard_refuses_root_like_freeze(no_freeze):
+    with pytest.raises(FreezeError, match="refusing to freeze /"):
+        with fsfreeze.guard(["/"], deadline_seconds=5):
+            pass

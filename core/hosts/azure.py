@@ -27,6 +27,7 @@ What we install and why:
 from __future__ import annotations
 
 import configparser
+import glob
 import json
 import math
 import os
@@ -40,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..thaw import FIFO_NAME
-from . import Host, HostFile, InstallSettings, Verdict
+from . import DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal, Verdict
+from .rehearsal import Timeline, freeze_and_snapshot, new_report
 
 CONFIG_JSON = "/etc/azure/VMSnapshotScriptPluginConfig.json"
 HOST_CONF = "/etc/azure/VMSnapshotPluginHost.conf"
@@ -50,6 +52,10 @@ POST_SCRIPT = "/etc/azure/quiesce-post-script.sh"
 MAX_TIMEOUT = 1800
 POLL_SECONDS = 1
 WORKLOADS = ("oracle", "mysql", "mariadb", "postgres")
+#: Where the Azure VM agent unpacks the extension (one directory per version).
+EXTENSION_GLOB = "/var/lib/waagent/Microsoft.Azure.RecoveryServices.VMSnapshotLinux-*"
+#: How long the extension's safefreeze keeps disks frozen after the pre-script, at most.
+SAFEFREEZE_SECONDS = 60
 #: The plugin host conf the extension ships in its own directory (main/).
 SHIPPED_HOST_CONF = """[pre_post]
 timeoutInSeconds: 1800
@@ -111,11 +117,48 @@ def _verdict(code: int, message: str) -> Verdict:
     return Verdict(code, CODES.get(code, "error"), message)
 
 
+def _plugin_config(data: dict, plugin_config_path: str, max_timeout: float) -> Verdict | PluginConfig:
+    """The JSON's keys as the host reads them, with its defaults and its type quirks."""
+    # The host reads timeoutInSeconds first; a bool is a number to its min() (True = 1).
+    timeout = data.get("timeoutInSeconds", 10)
+    if not isinstance(timeout, (int, float)):
+        return _verdict(304, f"timeoutInSeconds is {timeout!r}; the host needs a number")
+    try:
+        config = PluginConfig(pre=str(data["preScriptLocation"]),
+                              post=str(data["postScriptLocation"]))
+    except KeyError as e:
+        return _verdict(305, f"{plugin_config_path} lacks the mandatory key {e}")
+    config.timeout = min(timeout, max_timeout)
+    if "ScriptsExecutionPollTimeSeconds" in data:
+        try:
+            poll = int(data["ScriptsExecutionPollTimeSeconds"])
+        except ValueError:  # caught by the host's get_config
+            return _verdict(305, "ScriptsExecutionPollTimeSeconds is not a number")
+        except TypeError:  # not caught there: PluginHost turns it into 304
+            return _verdict(304, "ScriptsExecutionPollTimeSeconds has the wrong JSON type")
+        if 1 <= poll <= 5:
+            config.poll = poll  # out of range is silently ignored by the host
+    try:  # each element str()-ed; a bare string is iterated per character, as by the host
+        config.pre_params = [str(p) for p in data.get("preScriptParams", [])]
+        config.post_params = [str(p) for p in data.get("postScriptParams", [])]
+    except TypeError:
+        return _verdict(304, "preScriptParams/postScriptParams must be JSON arrays")
+    # Wrong types here pass validation and break the host only when a script fails;
+    # they are kept as they are so the rehearsal can show exactly that (see quirks()).
+    config.pre_retries = data.get("preScriptNoOfRetries", 0)
+    config.post_retries = data.get("postScriptNoOfRetries", 0)
+    config.continue_on_failure = data.get("continueBackupOnFailure", True)
+    config.fs_freeze = data.get("fsFreezeEnabled", True)
+    return config
+
+
 class AzureHost(Host):
     name = "azure"
+    description = "Azure Backup (VMSnapshotLinux extension): pre- and post-script"
 
-    def __init__(self, root: str = "/", *, owner: str | None = None):
-        super().__init__(root)
+    def __init__(self, root: str = "/", options: HostOptions | None = None, *,
+                 owner: str | None = None):
+        super().__init__(root, options)
         #: The owner the host demands. Not root: a rehearsal as another user checks
         #: against that user instead, and says so.
         self.owner = owner or pwd.getpwuid(os.geteuid()).pw_name
@@ -123,7 +166,12 @@ class AzureHost(Host):
 
     # -- files ---------------------------------------------------------------------
 
-    def files(self, settings: InstallSettings) -> list[HostFile]:
+    @classmethod
+    def agent(cls) -> str | None:
+        found = sorted(glob.glob(EXTENSION_GLOB))
+        return found[-1] if found else None
+
+    def render(self, settings: InstallSettings) -> list[HostFile]:
         timeout = min(MAX_TIMEOUT, math.ceil(settings.freeze_timeout))
         config = {
             "pluginName": "ScriptRunner",
@@ -164,39 +212,68 @@ class AzureHost(Host):
                 f"printf '%s\\n' \"$report\" >>{q(settings.log_dir + '/azure-post-script.log')}\n"
                 "exit $status\n")
         return [HostFile(CONFIG_JSON, json.dumps(config, indent=2) + "\n", 0o600),
-                HostFile(PRE_SCRIPT, pre, 0o700),
-                HostFile(POST_SCRIPT, post, 0o700)]
+                HostFile(PRE_SCRIPT, pre, 0o700, shell=True),
+                HostFile(POST_SCRIPT, post, 0o700, shell=True)]
 
     # -- validation, in the host's order ----------------------------------------------
 
+    def predict(self) -> Verdict:
+        return self.validate()
+
+    def host_checks(self, context: DoctorContext) -> list[Finding]:
+        config = context.config
+        if config is None or config.max_hold >= 90:
+            return []
+        return [Finding("max_hold covers the host's freeze", True, warning=True,
+                        message=f"max_hold is {config.max_hold:g} s; the host may keep disks "
+                                f"frozen up to {SAFEFREEZE_SECONDS} s after the pre-script, so "
+                                f"the watchdog could release before the post-script")]
+
     def validate(self, extension_dir: str | None = None) -> Verdict:
+        """The host's checks in its order: plugin host conf, plugin JSON, then the scripts."""
+        found = self._host_conf(extension_dir)
+        if isinstance(found, Verdict):
+            return found
+        plugin_config_path, max_timeout = found
+        data = self._plugin_json(plugin_config_path)
+        if isinstance(data, Verdict):
+            return data
+        config = _plugin_config(data, plugin_config_path, max_timeout)
+        if isinstance(config, Verdict):
+            return config
+        self.plugin_config = config
+        return self._scripts_verdict(config)
+
+    def _host_conf(self, extension_dir: str | None) -> Verdict | tuple[str, float]:
+        """VMSnapshotPluginHost.conf: where the plugin JSON is, and the longest timeout."""
         host_conf = self.path(HOST_CONF)
         if not os.path.isfile(host_conf):
             host_conf = os.path.join(extension_dir, "main", "VMSnapshotPluginHost.conf") \
                 if extension_dir else None
         if host_conf is None:  # doctor: the extension ships a valid one in its directory
-            plugin_config_path, max_timeout = CONFIG_JSON, MAX_TIMEOUT
-        else:
-            if not os.path.isfile(host_conf):
-                return _verdict(313, f"neither {HOST_CONF} nor the extension's own "
-                                     f"main/VMSnapshotPluginHost.conf exists")
-            st = os.stat(host_conf)
-            perm = _digits(st)
-            if perm[1] not in "04" or perm[2] not in "04" or _owner(st) != self.owner:
-                return _verdict(314, f"{host_conf} has mode {perm} owner {_owner(st)}; the host "
-                                     f"wants no group/other write and owner {self.owner}")
-            try:
-                parser = configparser.ConfigParser()
-                parser.read(host_conf)
-                section = parser["pre_post"]
-                if int(section.get("numberOfPlugins", "0")) != 1 or \
-                        section.get("pluginName0") != "ScriptRunner":
-                    return _verdict(304, f"{host_conf} loads plugins other than one ScriptRunner; "
-                                         f"quiesce cannot predict what they do")
-                plugin_config_path = section["pluginConfigPath0"]
-                max_timeout = min(int(section["timeoutInSeconds"]), MAX_TIMEOUT)
-            except (KeyError, ValueError, configparser.Error) as e:
-                return _verdict(304, f"{host_conf} cannot be parsed: {e}")
+            return CONFIG_JSON, MAX_TIMEOUT
+        if not os.path.isfile(host_conf):
+            return _verdict(313, f"neither {HOST_CONF} nor the extension's own "
+                                 f"main/VMSnapshotPluginHost.conf exists")
+        st = os.stat(host_conf)
+        perm = _digits(st)
+        if perm[1] not in "04" or perm[2] not in "04" or _owner(st) != self.owner:
+            return _verdict(314, f"{host_conf} has mode {perm} owner {_owner(st)}; the host "
+                                 f"wants no group/other write and owner {self.owner}")
+        try:
+            parser = configparser.ConfigParser()
+            parser.read(host_conf)
+            section = parser["pre_post"]
+            if int(section.get("numberOfPlugins", "0")) != 1 or \
+                    section.get("pluginName0") != "ScriptRunner":
+                return _verdict(304, f"{host_conf} loads plugins other than one ScriptRunner; "
+                                     f"quiesce cannot predict what they do")
+            return section["pluginConfigPath0"], min(int(section["timeoutInSeconds"]), MAX_TIMEOUT)
+        except (KeyError, ValueError, configparser.Error) as e:
+            return _verdict(304, f"{host_conf} cannot be parsed: {e}")
+
+    def _plugin_json(self, plugin_config_path: str) -> Verdict | dict:
+        """The plugin JSON, if the host would read it: present, owned and moded as it demands."""
         json_path = self.path(plugin_config_path)
         if not os.path.isfile(json_path):
             return _verdict(316, f"{plugin_config_path} does not exist: pre/post scripts are "
@@ -214,37 +291,9 @@ class AzureHost(Host):
             return _verdict(305, f"{plugin_config_path} is not valid JSON for the host: {e}")
         if not isinstance(data, dict):
             return _verdict(304, f"{plugin_config_path} must hold a JSON object")
-        # The host reads timeoutInSeconds first; a bool is a number to its min() (True = 1).
-        timeout = data.get("timeoutInSeconds", 10)
-        if not isinstance(timeout, (int, float)):
-            return _verdict(304, f"timeoutInSeconds is {timeout!r}; the host needs a number")
-        try:
-            config = PluginConfig(pre=str(data["preScriptLocation"]),
-                                  post=str(data["postScriptLocation"]))
-        except KeyError as e:
-            return _verdict(305, f"{plugin_config_path} lacks the mandatory key {e}")
-        config.timeout = min(timeout, max_timeout)
-        if "ScriptsExecutionPollTimeSeconds" in data:
-            try:
-                poll = int(data["ScriptsExecutionPollTimeSeconds"])
-            except ValueError:  # caught by the host's get_config
-                return _verdict(305, "ScriptsExecutionPollTimeSeconds is not a number")
-            except TypeError:  # not caught there: PluginHost turns it into 304
-                return _verdict(304, "ScriptsExecutionPollTimeSeconds has the wrong JSON type")
-            if 1 <= poll <= 5:
-                config.poll = poll  # out of range is silently ignored by the host
-        try:  # each element str()-ed; a bare string is iterated per character, as by the host
-            config.pre_params = [str(p) for p in data.get("preScriptParams", [])]
-            config.post_params = [str(p) for p in data.get("postScriptParams", [])]
-        except TypeError:
-            return _verdict(304, "preScriptParams/postScriptParams must be JSON arrays")
-        # Wrong types here pass validation and break the host only when a script fails;
-        # they are kept as they are so the rehearsal can show exactly that (see quirks()).
-        config.pre_retries = data.get("preScriptNoOfRetries", 0)
-        config.post_retries = data.get("postScriptNoOfRetries", 0)
-        config.continue_on_failure = data.get("continueBackupOnFailure", True)
-        config.fs_freeze = data.get("fsFreezeEnabled", True)
-        self.plugin_config = config
+        return data
+
+    def _scripts_verdict(self, config: PluginConfig) -> Verdict:
         for script, missing, denied in ((config.pre, 302, 306), (config.post, 303, 307)):
             path = self.path(script)
             if not os.path.isfile(path):
@@ -359,21 +408,11 @@ class AzureHost(Host):
         event(f"host noticed the {which}-script's end")
         return box
 
-    def rehearse(self, *, snapshot, freeze_mounts: list[str] = (), allow_root_freeze: bool = False,
-                 freeze_deadline: float = 60.0, on_event: Callable[[float, str], None] | None = None
-                 ) -> dict[str, Any]:
+    def rehearse(self, rehearsal: Rehearsal) -> dict[str, Any]:
         """Play the host: validate, pre, [freeze, snapshot, thaw], post; report its result."""
-        t0 = time.monotonic()
-        timeline: list[dict[str, Any]] = []
-
-        def event(text: str) -> None:
-            timeline.append({"t": round(time.monotonic() - t0, 4), "event": text})
-            if on_event:
-                on_event(timeline[-1]["t"], text)
-
-        report: dict[str, Any] = {"host": self.name, "started_at": time.time(),
-                                  "timeline": timeline, "pre": None,
-                                  "post": None, "snapshot": None, "freeze": None}
+        event = Timeline(rehearsal.on_event)
+        report = new_report(self.name, event)
+        report.update(pre=None, post=None)
         if self.owner != "root":
             report["note"] = (f"not run as root: ownership is checked against {self.owner!r} "
                               f"where the host demands root")
@@ -409,9 +448,10 @@ class AzureHost(Host):
                 do_backup = bool(continue_on_failure) or verdict.code == 317
             snapshot_code = 0
             if do_backup:
-                snapshot_code = self._freeze_and_snapshot(snapshot, freeze_mounts if freeze_enabled
-                                                          else [], allow_root_freeze,
-                                                          freeze_deadline, report, event)
+                failed = freeze_and_snapshot(
+                    rehearsal.snapshot, rehearsal.freeze_mounts if freeze_enabled else [],
+                    rehearsal.allow_root_freeze, rehearsal.freeze_deadline, report, event)
+                snapshot_code = {None: 0, "freeze": 121, "snapshot": 2}[failed]
             else:
                 event("no snapshot: the host skips it")
             if verdict.code == 0:
@@ -434,36 +474,6 @@ class AzureHost(Host):
                       f"failed: continueBackupOnFailure is not a JSON boolean")
         event(f"result: 2 {report['message']}")
         return report
-
-    def _freeze_and_snapshot(self, snapshot, mounts, allow_root, deadline, report, event) -> int:
-        from .. import fsfreeze
-        try:
-            if mounts:
-                with fsfreeze.freeze(mounts, deadline_seconds=deadline,
-                                     allow_root=allow_root) as frozen:
-                    event(f"froze {', '.join(frozen.mounts)} (watchdog thaws at +{deadline:g} s)")
-                    event(f"snapshot: {snapshot.describe()}")
-                    report["snapshot"] = snapshot.run()
-                report["freeze"] = {"mounts": list(frozen.mounts),
-                                    "frozen_at": frozen.frozen_at_wall,
-                                    "thawed_at": frozen.thawed_at_wall,
-                                    "frozen_for": round(frozen.frozen_for or 0, 4),
-                                    "thawed_by_watchdog": frozen.thawed_by_watchdog}
-                event(f"thawed {', '.join(frozen.mounts)}")
-                if frozen.thawed_by_watchdog:
-                    event("the freeze watchdog thawed before the snapshot ended")
-                    return 121
-            else:
-                event(f"snapshot (no freeze): {snapshot.describe()}")
-                report["snapshot"] = snapshot.run()
-        except fsfreeze.FreezeError as e:
-            event(f"freeze failed: {e}")
-            report["freeze"] = {"error": str(e)}
-            return 121
-        if not report["snapshot"]["ok"]:
-            event(f"snapshot failed: {report['snapshot']['error']}")
-            return 2
-        return 0
 
     @staticmethod
     def _result(verdict: Verdict, script_codes: list[int], do_backup: bool,
