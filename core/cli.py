@@ -11,7 +11,7 @@ import traceback
 
 import click
 
-from . import thaw as lean
+from . import publish, thaw as lean
 from .errors import QuiesceError
 
 DEFAULT_LOG_DIR = "/var/log/quiesce"
@@ -215,6 +215,8 @@ def thaw(obj: Context, as_json: bool, orphaned: bool) -> None:
             return  # the holder is alive: its own watchdog is in charge
     else:
         report = release_all(obj)
+    if report.get("action") == "recovered":  # no holder: the cycle ends here
+        publish.cycle_finished(obj.config, lean.read_state(obj.config.runtime_dir))
     obj.write_log()
     emit(report, as_json, started, fast_exit=True)
 

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-from . import logs
+from . import logs, publish, scope
 from .config import Config
 from .errors import BusyError, ConfigError
 from .phases import Outcome, hard_limit, run_phase
@@ -187,7 +187,7 @@ class Holder:
 
     def _handshake(self) -> bool:
         """Tell freeze we hold everything; true once it acknowledged (it is alive)."""
-        self.state["phase"] = "held"
+        self.state.update(phase="held", frozen_at=time.time())
         self._save()
         self._send({"type": "ready", "report": self._status_report()})
         readable, _, _ = select.select([self.ack_fd], [], [], ACK_TIMEOUT)
@@ -365,6 +365,7 @@ class Holder:
                     self.sentinel.kill()  # nothing left that a stand-in would have to release
                     self.sentinel.wait()
             finally:
+                publish.cycle_finished(self.config, self.state)  # metrics, journal line
                 write_log()  # the targets are released: the disk may be written now
             for name in (SOCKET_NAME, FIFO_NAME):
                 try:
@@ -429,6 +430,7 @@ def start(config: Config, adapters: Adapters, *, lock_fd: int | None = None,
         code = 70
         try:
             os.setsid()  # out of the caller's session: the host's signals are not ours
+            scope.enter(config.holder_scope)  # before stdio goes: its warning reaches freeze's
             os.close(report_r)
             os.close(ack_w)
             os.chdir(config.runtime_dir)  # never keep a frozen filesystem as cwd
