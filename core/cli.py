@@ -255,7 +255,8 @@ def status(obj: Context, as_json: bool) -> None:
             message = (f"nothing held; last released by {state.get('released_by')} at "
                        f"{fmt(state.get('released_at'))}")
         report = {"ok": not (held and not alive), "held": bool(held), "message": message,
-                  "state": state}
+                  "state": state, "last_cycle": None if held or state.get("corrupt")
+                  else publish.summarize(state)}
     emit(report, as_json, started)
 
 
@@ -292,14 +293,17 @@ def install(obj: Context, host: str, root: str, log_dir: str, force: bool, as_js
     post-script (0700) that run `quiesce freeze` / `quiesce thaw` with --config.
     Files quiesce did not write are never replaced without --force.
     """
+    from . import sysfiles
     from .install import Installer, settings_for
     started = time.monotonic()
     target_host = _host(host, root)
     actions = Installer(target_host).install(settings_for(obj.config, log_dir=log_dir), force=force)
     warnings = target_host.conflicts()
-    message = "\n".join(actions + [f"WARNING: {w}" for w in warnings])
-    emit({"ok": not warnings, "action": "install", "message": message, "outcomes": []},
-         as_json, started)
+    hint = sysfiles.metrics_hint(obj.config)
+    message = "\n".join((actions or ["nothing to change: every file is in place"])
+                        + [f"WARNING: {w}" for w in warnings] + ([hint] if hint else []))
+    emit({"ok": not warnings, "action": "install", "changed": bool(actions), "message": message,
+          "outcomes": []}, as_json, started)
 
 
 @cli.command()
