@@ -27,7 +27,7 @@ timeout = 10                   # the longest any single step may take (connect, 
 runtime_dir = "/run/quiesce"   # must be on tmpfs: it is written while disks are frozen
 log_file = "/var/log/quiesce/quiesce.log"
 # metrics_dir = "/var/lib/prometheus/node-exporter"  # write quiesce.prom there after each cycle
-# holder_scope = "systemd"     # run the holder in its own systemd scope (see docs/monitoring.md)
+# holder_scope = "systemd"     # run the holder in its own systemd scope (see docs/systemd.md)
 
 [targets.app]
 kind = "sqlite"

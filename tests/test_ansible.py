@@ -40,8 +40,11 @@ class Deployment:
         self.config = self.root / "etc/quiesce/quiesce.toml"
         self.quiesce = self.root / "opt/quiesce/bin/quiesce"
         self.collections = base / "collections"
-        (self.collections / "ansible_collections/quiesce").mkdir(parents=True)
-        (self.collections / "ansible_collections/quiesce/quiesce").symlink_to(REPO / "ansible")
+        # As the README says: build the collection, install it, build the wheel.
+        self._ansible("ansible-galaxy", "collection", "build", str(REPO / "ansible"),
+                      "--output-path", str(base / "dist"))
+        self._ansible("ansible-galaxy", "collection", "install", "-p", str(self.collections),
+                      str(base / "dist/quiesce-quiesce-0.1.0.tar.gz"))
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
                         str(base / "dist"), str(REPO)], check=True, capture_output=True)
         [self.wheel] = (base / "dist").glob("quiesce-*.whl")
