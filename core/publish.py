@@ -2,10 +2,11 @@
 
 The runtime calls :func:`cycle_finished` once per cycle, after every target is released
 and never before: until then the host may have frozen every disk filesystem, and the
-metrics directory and the syslog daemon's files live on one. The work itself runs in a
-child process that inherits no descriptor (so never the freeze lock) and that the caller
-waits for only ``PUBLISH_TIMEOUT`` seconds: a write that blocks on a disk still frozen
-can delay neither the report nor the next freeze. Failures are logged, never raised.
+metrics directory lives on one. (The watchdog can fire while the host still holds the
+disks frozen.) So the metrics are written by a child process that inherits no descriptor
+(never the freeze lock) and that the caller waits for only ``PUBLISH_TIMEOUT`` seconds:
+a write that blocks on a frozen disk delays neither the report nor the next freeze.
+Failures are logged, never raised.
 
 Standard library only, and runnable as a file (``python -I -S this_file``), like the
 lean thaw path: the child reads its job as JSON on stdin.
@@ -224,29 +225,27 @@ def _send(path: str, payload: bytes) -> None:
 # -- running it -------------------------------------------------------------------------------
 
 
-def publish(job: dict) -> list[str]:
-    """Do both jobs, each on its own; the problems, one line each."""
-    summary = summarize(job["state"])
-    problems = []
-    if job.get("metrics_dir"):
-        try:
-            write_metrics(job["metrics_dir"], summary, job.get("hostname") or socket.gethostname())
-        except OSError as e:
-            problems.append(f"cannot write metrics to {job['metrics_dir']}: {e}")
-    try:
-        send_summary(summary_line(summary), summary["success"],
-                     syslog_socket=job.get("syslog_socket"))
-    except OSError as e:
-        problems.append(f"cannot send the summary line: {e}")
-    return problems
-
-
 def cycle_finished(config, state: dict | None) -> None:
-    """Publish the cycle in *state*; call once, after every target is released. Never raises."""
+    """Publish the cycle in *state*; call once, after every target is released. Never raises.
+
+    The summary line goes out from this process: its sockets are on tmpfs (/run, /dev),
+    and a send is bounded by SEND_TIMEOUT. The metrics file may be on a disk, so a child
+    process writes it.
+    """
     if not state or state.get("corrupt"):
         return
-    job = {"state": state, "metrics_dir": config.metrics_dir,
-           "syslog_socket": config.syslog_socket}
+    try:
+        summary = summarize(state)
+        send_summary(summary_line(summary), summary["success"],
+                     syslog_socket=config.syslog_socket)
+    except Exception as e:  # never let reporting break the cycle that it reports
+        log.warning("cannot send the cycle's summary line: %s", e)
+    if config.metrics_dir:
+        _write_metrics_in_child(config.metrics_dir, state)
+
+
+def _write_metrics_in_child(metrics_dir: str, state: dict) -> None:
+    job = {"state": state, "metrics_dir": metrics_dir}
     try:
         child = subprocess.Popen([sys.executable, "-I", "-S", "-B", os.path.abspath(__file__)],
                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -254,24 +253,26 @@ def cycle_finished(config, state: dict | None) -> None:
         _, err = child.communicate(json.dumps(job, default=str).encode(),
                                    timeout=PUBLISH_TIMEOUT)
     except subprocess.TimeoutExpired:
-        log.warning("publishing the cycle took over %g s (a disk still frozen?); left it "
-                    "running", PUBLISH_TIMEOUT)
+        log.warning("writing metrics to %s took over %g s (a disk still frozen?); left it "
+                    "running", metrics_dir, PUBLISH_TIMEOUT)
         return
-    except Exception as e:  # never let reporting break the cycle that it reports
-        log.warning("cannot publish the cycle: %s", e)
+    except Exception as e:
+        log.warning("cannot write metrics to %s: %s", metrics_dir, e)
         return
     for problem in err.decode(errors="replace").splitlines():
         log.warning("%s", problem)
 
 
 def main() -> int:
+    """The child: write the metrics for the job on stdin; problems on stderr, one line each."""
+    job = {}
     try:
-        problems = publish(json.load(sys.stdin))
+        job = json.load(sys.stdin)
+        write_metrics(job["metrics_dir"], summarize(job["state"]), socket.gethostname())
+        return 0
     except Exception as e:  # one line for the log, never a traceback
-        problems = [f"cannot publish the cycle: {type(e).__name__}: {e}"]
-    for problem in problems:
-        sys.stderr.write(problem + "\n")
-    return 1 if problems else 0
+        sys.stderr.write(f"cannot write metrics to {job.get('metrics_dir')}: {e}\n")
+        return 1
 
 
 if __name__ == "__main__":
