@@ -291,7 +291,9 @@ def install(obj: Context, host: str, root: str, log_dir: str, force: bool, as_js
     \b
     For azure: /etc/azure/VMSnapshotScriptPluginConfig.json (0600) and a pre- and
     post-script (0700) that run `quiesce freeze` / `quiesce thaw` with --config.
-    Files quiesce did not write are never replaced without --force.
+    For every host: /etc/tmpfiles.d/quiesce.conf (runtime_dir at boot) and
+    /etc/logrotate.d/quiesce. Files already in place are left alone; files
+    quiesce did not write are never replaced without --force.
     """
     from . import sysfiles
     from .install import Installer, settings_for
