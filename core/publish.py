@@ -34,7 +34,7 @@ METRICS_FILE = "quiesce.prom"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_SOCKET = "/dev/log"
 PUBLISH_TIMEOUT = 5.0    # how long the runtime waits for the child before leaving it
-SEND_TIMEOUT = 1.0       # a full journal or syslog socket must not hold the child
+SEND_TIMEOUT = 1.0       # a full journal or syslog socket must not hold the holder
 #: Statuses a target ends a cycle in (holder.py); only "released" was held to the end.
 HELD_TO_THE_END = "released"
 _COUNTER_LINE = re.compile(r"^(quiesce_[a-z_]+_total)(\{.*\})? (\S+)$")
@@ -202,6 +202,7 @@ def send_summary(line: str, ok: bool, *, syslog_socket: str | None = None,
     native socket, then ``/dev/log``. None when neither exists.
     """
     priority = 6 if ok else 3  # info, err
+    line = " ".join(line.splitlines())  # an adapter's multi-line error stays one line
     if not syslog_socket and os.path.exists(journal_socket):
         fields = {"MESSAGE": line, "PRIORITY": str(priority), "SYSLOG_IDENTIFIER": "quiesce",
                   "SYSLOG_FACILITY": "3"}

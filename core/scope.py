@@ -49,7 +49,7 @@ def move_to_scope(unit: str) -> str | None:
         return "busctl (systemd) is not installed"
     try:
         proc = subprocess.run(
-            [busctl, "call", "--system", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+            [busctl, "--system", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
              "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
              unit, "fail", "3",
              "PIDs", "au", "1", str(os.getpid()),

@@ -220,11 +220,11 @@ def test_journal_native_protocol(tmp_path):
     path = tmp_path / "journal.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
-        assert publish.send_summary("cycle ok: 1 target(s)", True, journal_socket=str(path)) \
-            == str(path)
+        assert publish.send_summary("cycle FAILED: app (failed: line one\nline two)", False,
+                                    journal_socket=str(path)) == str(path)
         fields = dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines())
-    assert fields == {"MESSAGE": "cycle ok: 1 target(s)", "PRIORITY": "6",
-                      "SYSLOG_IDENTIFIER": "quiesce", "SYSLOG_FACILITY": "3"}
+    assert fields == {"MESSAGE": "cycle FAILED: app (failed: line one line two)",
+                      "PRIORITY": "3", "SYSLOG_IDENTIFIER": "quiesce", "SYSLOG_FACILITY": "3"}
 
 
 def test_damaged_counters_restart_instead_of_stopping_the_metrics():
