@@ -164,6 +164,16 @@ def test_config_is_private_and_secrets_live_in_their_own_files(deployed):
     assert {o["target"] for o in json.loads(check.stdout)["outcomes"]} == {"app", "cache"}
 
 
+def test_a_secret_no_target_uses_is_removed(deployed):
+    stale = deployed.root / "etc/quiesce/secrets/gone.password_file"
+    stale.write_text("old")
+    stale.chmod(0o600)
+    proc = deployed.play()
+    assert proc.returncode == 0 and proc.recap["changed"] == 1, proc.stdout
+    assert not stale.exists()
+    assert (deployed.root / "etc/quiesce/secrets/cache.password_file").exists()
+
+
 def test_fleet_report_has_the_last_cycle(deployed):
     assert deployed.quiesce_cli("freeze").returncode == 0
     thaw = deployed.quiesce_cli("thaw", "--json")
