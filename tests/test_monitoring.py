@@ -300,3 +300,19 @@ def test_reinstall_changes_nothing_and_a_shared_file_outlives_one_host(installed
     assert gone.returncode == 0, gone.stderr
     assert (root / "etc/tmpfiles.d/quiesce.conf").exists()
     assert not (root / "etc/logrotate.d/quiesce").exists()
+
+
+def test_install_offers_the_metrics_where_node_exporter_reads_textfiles(tmp_path):
+    from quiesce.sysfiles import NODE_EXPORTER_TEXTFILE_DIR
+    if not os.path.isdir(NODE_EXPORTER_TEXTFILE_DIR):
+        skip_or_fail(f"{NODE_EXPORTER_TEXTFILE_DIR} is missing: apt-get install "
+                     f"prometheus-node-exporter")
+    db = make_sqlite(tmp_path / "app.db")
+    args = ("install", "azure", "--root", str(tmp_path / "root"), "--log-dir", str(tmp_path / "slog"))
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)}})
+    offered = run(config, *args)
+    assert offered.returncode == 0, offered.stderr
+    assert f'metrics_dir = "{NODE_EXPORTER_TEXTFILE_DIR}"' in offered.stdout
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)}},
+                          metrics_dir=str(tmp_path))
+    assert "metrics_dir" not in run(config, *args).stdout
