@@ -73,7 +73,9 @@ class Deployment:
 
     def env(self) -> dict:
         return {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(self.collections),
-                "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(self.base / "ansible-tmp"),
+                "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOME": str(self.base / "ansible-home"),
+                "ANSIBLE_LOCAL_TEMP": str(self.base / "ansible-tmp"),
+                "ANSIBLE_REMOTE_TEMP": str(self.base / "ansible-remote-tmp"),
                 "ANSIBLE_RETRY_FILES_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
 
     def _ansible(self, tool: str, *args: str) -> subprocess.CompletedProcess:
