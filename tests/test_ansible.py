@@ -217,6 +217,17 @@ def test_detection_without_a_named_host(deployed):
             assert f"(item={name})" in proc.stdout, proc.stdout
 
 
+def test_a_doctor_failure_fails_the_play_with_its_finding(deployed):
+    """Every target passes its check, but runtime_dir is on a disk: doctor says no."""
+    on_disk = deployed.base / "overrides.json"
+    on_disk.write_text(json.dumps({"quiesce_settings": {
+        "runtime_dir": str(deployed.base / "run-on-disk"), "max_hold": 120}}))
+    proc = deployed.play("-e", f"@{on_disk}")
+    assert proc.returncode != 0 and proc.recap["failed"] == 1, proc.stdout
+    assert "the next backup would NOT be application-consistent" in proc.stdout
+    assert "would hang: use a directory under /run" in proc.stdout, proc.stdout
+
+
 def test_a_broken_target_fails_the_play_with_quiesces_message(deployed):
     broken = deployed.base / "broken.json"
     targets = [{"name": "app", "kind": "sqlite", "path": str(deployed.base / "missing.db")}]
