@@ -1,16 +1,19 @@
 # quiesce: `make demo` shows a whole backup cycle on SQLite; `make test` runs the suite.
 # Both create the virtual environment first. `make test` also installs, as root, the
-# Debian packages whose servers the tests start (PostgreSQL, MariaDB, Redis, fs tools).
+# Debian packages whose servers the tests start (PostgreSQL, MariaDB, Redis, fs tools,
+# node_exporter) and the tools that read our system files (logrotate, systemd-tmpfiles).
 
 PYTHON ?= /usr/bin/python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEBIAN_PACKAGES := python3-venv postgresql mariadb-server redis-server sqlite3 \
-                   util-linux dash xfsprogs btrfs-progs psmisc qemu-guest-agent
+                   util-linux dash xfsprogs btrfs-progs psmisc qemu-guest-agent \
+                   prometheus-node-exporter logrotate systemd
 # A binary from each package, to skip apt-get when everything is already there.
 NEEDED_BINARIES := /usr/lib/postgresql/15/bin/postgres /usr/sbin/mariadbd \
                    /usr/bin/redis-server /usr/bin/sqlite3 /usr/sbin/fsfreeze /usr/bin/dash \
-                   /usr/sbin/mkfs.xfs /usr/sbin/mkfs.btrfs /usr/bin/fuser /usr/sbin/qemu-ga
+                   /usr/sbin/mkfs.xfs /usr/sbin/mkfs.btrfs /usr/bin/fuser /usr/sbin/qemu-ga \
+                   /usr/bin/prometheus-node-exporter /usr/sbin/logrotate /usr/bin/systemd-tmpfiles
 
 .PHONY: test demo bench deps venv clean
 

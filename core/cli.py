@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from . import thaw as lean
+from . import publish, thaw as lean
 from .errors import QuiesceError
 
 DEFAULT_LOG_DIR = "/var/log/quiesce"
@@ -224,6 +224,8 @@ def thaw(obj: Context, as_json: bool, orphaned: int | None) -> None:
             return  # the holder is alive: its own watchdog is in charge
     else:
         report = release_all(obj)
+    if report.get("action") == "recovered":  # no holder: the cycle ends here
+        publish.cycle_finished(obj.config, lean.read_state(obj.config.runtime_dir))
     obj.write_log()
     emit(report, as_json, started, fast_exit=True)
 
@@ -274,7 +276,8 @@ def status(obj: Context, as_json: bool) -> None:
             message = (f"nothing held; last released by {state.get('released_by')} at "
                        f"{fmt(state.get('released_at'))}")
         report = {"ok": not (held and not alive), "held": bool(held), "message": message,
-                  "state": state}
+                  "state": state, "last_cycle": None if held or state.get("corrupt")
+                  else publish.summarize(state)}
     emit(report, as_json, started)
 
 
@@ -402,15 +405,20 @@ def install(obj: Context, host, log_dir: str, force: bool, as_json: bool) -> Non
     For azure: /etc/azure/VMSnapshotScriptPluginConfig.json (0600) and a pre- and
     post-script (0700) that run `quiesce freeze` / `quiesce thaw` with --config.
     For qemu-ga: a hook in the agent's fsfreeze-hook.d (see --enable-hook).
-    Files quiesce did not write are never replaced without --force.
+    For every host: /etc/tmpfiles.d/quiesce.conf (runtime_dir at boot) and
+    /etc/logrotate.d/quiesce. Files already in place are left alone; files
+    quiesce did not write are never replaced without --force.
     """
+    from . import sysfiles
     from .install import settings_for
     started = time.monotonic()
     actions = host.install(settings_for(obj.config, log_dir=log_dir), force=force)
     warnings = host.conflicts()
-    message = "\n".join(actions + [f"WARNING: {w}" for w in warnings])
-    emit({"ok": not warnings, "action": "install", "message": message, "outcomes": []},
-         as_json, started)
+    hint = sysfiles.metrics_hint(obj.config)
+    message = "\n".join((actions or ["nothing to change: every file is in place"])
+                        + [f"WARNING: {w}" for w in warnings] + ([hint] if hint else []))
+    emit({"ok": not warnings, "action": "install", "changed": bool(actions), "message": message,
+          "outcomes": []}, as_json, started)
 
 
 @host_verb("uninstall", [

@@ -17,9 +17,11 @@ DEFAULT_MAX_HOLD = 120.0
 DEFAULT_TIMEOUT = 10.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BARE_KEY = re.compile(r"^\s*\[*\s*([A-Za-z0-9_.-]+)")
-_GLOBAL_KEYS = {"max_hold", "timeout", "runtime_dir", "log_file", "on_target_failure", "targets"}
+_GLOBAL_KEYS = {"max_hold", "timeout", "runtime_dir", "log_file", "on_target_failure", "targets",
+                "metrics_dir", "syslog_socket", "holder_scope"}
 #: What freeze does with the targets it could quiesce when another one fails.
 ON_TARGET_FAILURE = ("hold-others", "release-all")
+HOLDER_SCOPES = ("none", "systemd")
 
 EXAMPLE = """\
 # quiesce config: chmod 600, owned by root. Times are in seconds.
@@ -28,6 +30,8 @@ timeout = 10                   # the longest any single step may take (connect, 
 runtime_dir = "/run/quiesce"   # must be on tmpfs: it is written while disks are frozen
 log_file = "/var/log/quiesce/quiesce.log"
 on_target_failure = "hold-others"   # or "release-all"; freeze exits 1 either way
+# metrics_dir = "/var/lib/prometheus/node-exporter"  # write quiesce.prom there after each cycle
+# holder_scope = "systemd"     # run the holder in its own systemd scope (see docs/systemd.md)
 
 [targets.app]
 kind = "sqlite"
@@ -44,6 +48,9 @@ class Config:
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     log_file: str | None = DEFAULT_LOG_FILE
     on_target_failure: str = ON_TARGET_FAILURE[0]
+    metrics_dir: str | None = None        # node_exporter's textfile directory; off when None
+    syslog_socket: str | None = None      # None: the journal, else /dev/log
+    holder_scope: str = "none"            # "systemd": the holder in its own transient scope
 
     def target(self, name: str) -> Target | None:
         return next((t for t in self.targets if t.name == name), None)
@@ -103,6 +110,20 @@ def _refuse_nul(path: str, value: object, where: str = "") -> None:
         raise ConfigError("may not contain a NUL character (\\u0000)", file=path, key=where)
 
 
+def _optional_settings(data: dict, path: str) -> dict:
+    """The settings that are off unless set: metrics, the summary line's socket, the scope."""
+    settings = {key: data.get(key) for key in ("metrics_dir", "syslog_socket")}
+    for key, value in settings.items():
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"expected a path, got {value!r}", file=path, key=key)
+    settings["holder_scope"] = data.get("holder_scope", "none")
+    if settings["holder_scope"] not in HOLDER_SCOPES:
+        raise ConfigError(f"expected one of {', '.join(map(repr, HOLDER_SCOPES))}, got "
+                          f"{settings['holder_scope']!r}", file=path, key="holder_scope")
+    return settings
+
+
+
 def parse(path: str, text: str) -> Config:
     """Parse and check the structure, without asking the adapters."""
     try:
@@ -130,7 +151,10 @@ def parse(path: str, text: str) -> Config:
     if log_file is not None and (not isinstance(log_file, str)):
         raise ConfigError(f"expected a path or \"\" for no log file, got {log_file!r}",
                           file=path, key="log_file")
-    for key, value in (("runtime_dir", runtime_dir), ("log_file", log_file)):
+    optional = _optional_settings(data, path)
+    for key, value in (("runtime_dir", runtime_dir), ("log_file", log_file),
+                       ("metrics_dir", optional["metrics_dir"]),
+                       ("syslog_socket", optional["syslog_socket"])):
         if value and not os.path.isabs(value):
             raise ConfigError(f"must be an absolute path, got {value!r}", file=path, key=key)
     tables = data.get("targets")
@@ -155,7 +179,8 @@ def parse(path: str, text: str) -> Config:
         targets.append(Target(name=name, kind=kind, settings=settings, timeout=target_timeout,
                               max_hold=max_hold, config_file=path))
     return Config(path=path, targets=targets, max_hold=max_hold, timeout=timeout,
-                  runtime_dir=runtime_dir, log_file=log_file or None, on_target_failure=on_failure)
+                  runtime_dir=runtime_dir, log_file=log_file or None, on_target_failure=on_failure,
+                  **optional)
 
 
 def validate_targets(config: Config, adapters: Adapters) -> None:

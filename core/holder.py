@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any
 
-from . import logs
+from . import logs, publish, scope
 from .config import Config
 from .errors import BusyError, ConfigError
 from .phases import Outcome, hard_limit, run_phase
@@ -181,6 +181,8 @@ class Holder:
         self.signalled: str | None = None
         self.sentinel: subprocess.Popen | None = None
         self._release_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self.published = False  # the cycle was told to the outside world (metrics, journal)
         self.report: dict[str, Any] | None = None
         self.state: dict[str, Any] = {
             "version": 1, "config": config.path, "holder_pid": os.getpid(),
@@ -302,8 +304,7 @@ class Holder:
 
     def _handshake(self) -> bool:
         """Tell freeze we hold (what we could); true once it acknowledged (it is alive)."""
-        self.state["phase"] = "held"
-        self.state["not_held"] = self.failed
+        self.state.update(phase="held", frozen_at=time.time(), not_held=self.failed)
         self._save()
         with self._release_lock:
             # From here a thaw is on time: freeze returns as soon as it reads "ready", and
@@ -508,11 +509,19 @@ class Holder:
                                             "ready, so no hold was promised")
             self._hold()
             # The disk may be written now, but never by the thread that keeps the lock.
-            threading.Thread(target=write_log, daemon=True).start()
+            threading.Thread(target=self._tell_outside, args=(write_log,), daemon=True).start()
             self._keep_report()
             return 0
         finally:
             self._end(write_log)
+
+    def _tell_outside(self, write_log) -> None:
+        """After release: the cycle's metrics and journal line (once), then the log file."""
+        with self._publish_lock:
+            if not self.published:
+                self.published = True
+                publish.cycle_finished(self.config, self.state)
+        write_log()
 
     def _hold(self) -> None:
         while not self.released.wait(timeout=0.2):
@@ -550,7 +559,7 @@ class Holder:
                 os.unlink(FIFO_NAME)
             except OSError:
                 pass
-            write_log()  # the targets are released and the lock is free: may block safely
+            self._tell_outside(write_log)  # released, lock free: may block safely
 
 
 def _start_sentinel(config: Config) -> subprocess.Popen | None:
@@ -608,6 +617,7 @@ def start(config: Config, adapters: Adapters, *, lock: socket.socket | None = No
         code = 70
         try:
             os.setsid()  # out of the caller's session: the host's signals are not ours
+            scope.enter(config.holder_scope)  # before stdio goes: its warning reaches freeze's
             os.close(report_r)
             os.close(ack_w)
             os.chdir(config.runtime_dir)  # never keep a frozen filesystem as cwd

@@ -11,10 +11,11 @@ import sys
 import time
 from typing import Any
 
+from . import sysfiles
 from .config import Config
 from .errors import ConfigError
 from .fsfreeze import fs_type
-from .hosts import DoctorContext, Finding, Host, InstallSettings
+from .hosts import DoctorContext, Finding, Host, HostFile, InstallSettings
 from .holder import freeze_budget
 from .thaw import unsafe_runtime_dir
 
@@ -41,7 +42,7 @@ def settings_for(config: Config, *, log_dir: str,
     return InstallSettings(config=os.path.abspath(config.path), python=python,
                            thaw_script=os.path.abspath(thaw.__file__),
                            log_dir=os.path.abspath(log_dir), runtime_dir=config.runtime_dir,
-                           freeze_timeout=freeze_budget(config))
+                           freeze_timeout=freeze_budget(config), log_file=config.log_file)
 
 
 class Installer:
@@ -63,15 +64,17 @@ class Installer:
         _write(self.manifest_path, json.dumps(manifest, indent=2) + "\n", 0o600)
 
     def install(self, settings: InstallSettings, *, force: bool = False) -> list[str]:
+        """Write what differs; an empty list when everything was already in place."""
         manifest = self.manifest()
+        before = json.dumps(manifest, sort_keys=True)
         actions = []
-        files = self.host.render(settings)
+        files = self.host.render(settings) + sysfiles.files(settings)
         # Check everything before writing anything: all or nothing.
         for hf in files:
             path = self.host.path(hf.path)
             current = _sha256(path)
             ours = manifest["files"].get(hf.path, {}).get("sha256")
-            if current is not None and current != ours and not force:
+            if current is not None and current not in {ours, _content_sha256(hf)} and not force:
                 raise ConfigError(f"refusing to overwrite {path}: quiesce did not write it. "
                                   f"Rerun with --force to replace it; it will be backed up first")
         # The scripts write here on this machine: a real path, not under the host's root.
@@ -80,7 +83,10 @@ class Installer:
             path = self.host.path(hf.path)
             entry = manifest["files"].get(hf.path, {})
             current = _sha256(path)
-            if current is not None and current != entry.get("sha256"):
+            if current == _content_sha256(hf) and _mode(path) == hf.mode:
+                manifest["files"][hf.path] = {**entry, "sha256": current}
+                continue  # already in place (a reinstall, or another host wrote it)
+            if current is not None and current not in {entry.get("sha256"), _content_sha256(hf)}:
                 backup = f"{path}.quiesce-backup-{time.strftime('%Y%m%dT%H%M%S')}"
                 shutil.copy2(path, backup)
                 entry["backup"] = backup
@@ -90,8 +96,21 @@ class Installer:
             manifest["files"][hf.path] = entry
             actions.append(f"wrote {path} (mode {hf.mode:04o})")
         manifest["settings"] = settings.__dict__
-        self._save(manifest)
+        if json.dumps(manifest, sort_keys=True) != before:
+            self._save(manifest)
         return actions
+
+    def _shared(self) -> set[str]:
+        """Files another host's manifest also lists (tmpfiles.d, logrotate): theirs too."""
+        directory = os.path.dirname(self.manifest_path)
+        shared = set()
+        for name in os.listdir(directory):
+            other = os.path.join(directory, name)
+            if name.startswith("installed-") and name.endswith(".json") \
+                    and other != self.manifest_path:
+                with open(other, encoding="utf-8") as f:
+                    shared |= set(json.load(f).get("files", ()))
+        return shared
 
     def uninstall(self, *, force: bool = False) -> list[str]:
         manifest = self.manifest()
@@ -104,8 +123,12 @@ class Installer:
                 raise ConfigError(f"refusing to remove {path}: it changed since quiesce wrote it. "
                                   f"Rerun with --force to remove it anyway")
         actions = []
+        shared = self._shared()
         for name, entry in manifest["files"].items():
             path = self.host.path(name)
+            if name in shared:
+                actions.append(f"kept {path}: another host's install uses it")
+                continue
             if os.path.exists(path):
                 os.unlink(path)
                 actions.append(f"removed {path}")
@@ -114,6 +137,17 @@ class Installer:
                 actions.append(f"restored {path} from {entry['backup']}")
         os.unlink(self.manifest_path)
         return actions
+
+
+def _content_sha256(hf: HostFile) -> str:
+    return hashlib.sha256(hf.content.encode("utf-8")).hexdigest()
+
+
+def _mode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return None
 
 
 def _write(path: str, content: str, mode: int) -> None:
@@ -155,6 +189,7 @@ def doctor_checks(host: Host, installer: Installer, context: DoctorContext) -> l
                                     "" if kind in {"tmpfs", "ramfs"} else
                                     "; the holder writes there while disks are frozen and would "
                                     "hang: use a directory under /run")))
+        findings += sysfiles.doctor_findings(host, config)
     for outcome in context.check_outcomes:
         findings.append(Finding(f"target {outcome['target']} ({outcome['kind']}) check",
                                 outcome["status"] == "ok", outcome.get("error") or "ok"))

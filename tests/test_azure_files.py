@@ -81,9 +81,11 @@ def test_generated_files_match_the_expected_bytes(setup, tmp_path):
             expected_file.parent.mkdir(parents=True, exist_ok=True)
             expected_file.write_text(actual, encoding="utf-8")
         assert actual == expected_file.read_text(encoding="utf-8"), host_path
-    # Nothing else is written under the root but our manifest (no stray tmp files).
+    # Nothing else is written under the root but our manifest and the machine's own files
+    # (tmpfiles.d, logrotate), and no stray tmp files.
     assert sorted(snapshot_tree(root)) == sorted(
-        [p.lstrip("/") for p in FILES] + ["etc/quiesce/installed-azure.json"])
+        [p.lstrip("/") for p in FILES] + ["etc/quiesce/installed-azure.json",
+                                          "etc/tmpfiles.d/quiesce.conf", "etc/logrotate.d/quiesce"])
 
 
 def test_modes_and_owner(setup):

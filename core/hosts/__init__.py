@@ -60,6 +60,7 @@ class InstallSettings:
     log_dir: str              # where the scripts send their output
     runtime_dir: str          # the holder's runtime directory (its thaw FIFO)
     freeze_timeout: float     # longest `quiesce freeze` may take for this config
+    log_file: str | None = None  # quiesce's own log (the config's log_file), for logrotate
 
 
 @dataclass
