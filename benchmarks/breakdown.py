@@ -10,10 +10,10 @@ quiesce's code:
   beyond the bare interpreter's, its own ("self") time summed per top-level package;
 * the holder's outcomes in the freeze's JSON report: the check, flush and quiesce (lock)
   phases, as the holder timed them;
-* in a fresh interpreter, the kind's driver: its import and one connection to the same
-  server, the part of ``check`` that is not quiesce's own work;
-* in a fresh interpreter that has imported quiesce's CLI, adapter discovery (entry
-  points) and loading the config.
+* in a fresh interpreter that has first imported every module the freeze process imports
+  (as the holder, forked from it, has): the kind's driver, its import and one connection
+  to the same server (the part of ``check`` that is not quiesce's own work); adapter
+  discovery (entry points) and loading the config.
 
 What is left (forking the holder, the handshake, printing the report, exiting) is the
 end-to-end time minus all of these, and is shown as such.
@@ -41,8 +41,16 @@ PROBES = {
     "postgresql": ("import psycopg", "psycopg.connect(host=t['host'], port=t['port'], "
                                      "user=t['user'], dbname=t['dbname'])"),
 }
-PROBE = """import json, sys, time
-t = json.loads(sys.argv[1])
+#: The holder is forked from the freeze process, so every module the freeze imported is
+#: there already when the driver is imported: the probes import them first too.
+PREIMPORT = """import importlib, json, sys, time
+for name in json.load(sys.stdin):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+"""
+PROBE = PREIMPORT + """t = json.loads(sys.argv[1])
 a = time.perf_counter()
 {imp}
 b = time.perf_counter()
@@ -53,13 +61,7 @@ print(json.dumps([b - a, c - b]))
 #: Adapter discovery and config load, with every module the freeze imports already
 #: imported (their cost is in the import rows): what is left is the entry-point scan and
 #: the config itself.
-CONFIG_PROBE = """import importlib, json, sys, time
-for name in json.load(sys.stdin):
-    try:
-        importlib.import_module(name)
-    except Exception:
-        pass
-from quiesce.config import load
+CONFIG_PROBE = PREIMPORT + """from quiesce.config import load
 from quiesce.plugins import load_adapters
 a = time.perf_counter()
 adapters = load_adapters()
@@ -168,11 +170,11 @@ def measure(kind, runs: int, workdir: Path, shm_root: Path) -> dict:
     bare = import_self_us(subprocess.run(_py("-X", "importtime", "-c", "pass"), env=env,
                                          capture_output=True, text=True).stderr)
     groups = [import_groups_ms(i, bare) for i in imports]
-    target = json.dumps(kind.quiesce_target(0))
+    modules = json.dumps(sorted({m for i in imports for m in i if "__main__" not in m}))
     imp, conn = PROBES[kind.name]
-    driver = probe_ms(PROBE.format(imp=imp, conn=conn), target, env, runs)
-    modules = sorted({m for i in imports for m in i if "__main__" not in m})
-    config = probe_ms(CONFIG_PROBE, str(setup.config), env, runs, json.dumps(modules))
+    driver = probe_ms(PROBE.format(imp=imp, conn=conn), json.dumps(kind.quiesce_target(0)),
+                      env, runs, modules)
+    config = probe_ms(CONFIG_PROBE, str(setup.config), env, runs, modules)
     return {"kind": kind.name, "variant": variant.name, "runs": runs,
             "freeze_ms": round(statistics.median(totals), 1),
             "sh_ms": round(wall_ms(["sh", "-c", ":"], env, runs), 1),
@@ -195,10 +197,10 @@ def rows(b: dict) -> list[tuple[str, float | None, str]]:
            ("Python interpreter starts (with site)", b["python_ms"], "`python -B -P -c pass`")]
     out += [(f"imports in the freeze process: {g}", ms, "`-X importtime`, own time")
             for g, ms in b["imports_ms"].items()]
-    out += [("adapter discovery (entry points)", b["adapters_ms"], "fresh interpreter, timed"),
-            ("config load and validation", b["config_ms"], "fresh interpreter, timed"),
-            ("check: the driver's import", b["driver_import_ms"], "fresh interpreter, timed"),
-            ("check: connecting", b["connect_ms"], "fresh interpreter, timed"),
+    out += [("adapter discovery (entry points)", b["adapters_ms"], "probe, timed"),
+            ("config load and validation", b["config_ms"], "probe, timed"),
+            ("check: the driver's import", b["driver_import_ms"], "probe, timed"),
+            ("check: connecting", b["connect_ms"], "probe, timed"),
             ("check: the rest (version, privileges)", max(0.0, ph.get("check", 0.0) - driver)
              if "check" in ph else None, "holder's check phase − the two above"),
             ("flush", ph.get("flush"), "holder's flush phase"),
@@ -215,10 +217,11 @@ def table(r: dict) -> list[str]:
     lines = ["## Where one target's freeze latency goes", "",
              "One target, `quiesce freeze --json` run as the pre-script runs it (`sh` exec-ing "
              "the interpreter), timed start to exit; each part measured separately (medians, "
-             "ms). Parts measured in a fresh interpreter or under `-X importtime` are slightly "
-             "larger than inside the real run (importtime's own cost, caches not shared), so "
-             "the last row can come out small or negative; it is what the other rows do not "
-             "explain.", ""]
+             "ms). *probe*: a fresh interpreter that first imports every module the freeze "
+             "process imported (the holder is forked from it, so it has them), then times "
+             "the step. Parts measured by a probe or under `-X importtime` differ a little "
+             "from the real run (importtime's own cost, caches not shared), so the last row, "
+             "what the other rows do not explain, can come out small or negative.", ""]
     if not found:
         return lines + ["Not measured in this run.", ""]
     for b in found:

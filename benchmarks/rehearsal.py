@@ -204,3 +204,61 @@ def rehearse(host_name: str, kind, n: int, cycles: int, step: float, workdir: Pa
              f"{result['median_ms'].get('quiesce', float('nan')):.0f} ms, host "
              f"{result['median_ms'].get('host', float('nan')):.0f} ms")
     return result
+
+
+PARTS = (("quiesce_freeze", "quiesce: lock → freeze script's exit"),
+         ("host_poll", "host: noticing the exit (its poll)"),
+         ("host_fs_freeze_thaw", "host: filesystem freeze and thaw"),
+         ("host_snapshot", "host: snapshot step"),
+         ("host_other", "host: the rest, up to starting the thaw script"),
+         ("quiesce_thaw", "quiesce: thaw script's start → writable"))
+
+
+def table(r: dict) -> list[str]:
+    """RESULTS.md's section: one row per host and kind, then what it means."""
+    found = r.get("rehearsals") or []
+    lines = ["## A whole host cycle: whose part of the writers' wait", "",
+             "The host's own rehearsal (`Host.rehearse`, what `quiesce rehearse` runs) plays "
+             "its part: the scripts run the way the host runs them, with the poll interval "
+             "`quiesce install` configured, around the host's filesystem freeze and a "
+             "snapshot step; the independent writer commits meanwhile. *Blocked* is the "
+             "writer's longest gap; quiesce's part is lock → the freeze script's exit plus "
+             "the thaw script's start → writable; the host's part is everything in between "
+             "(the freeze script's exit is taken from a pidfd, the host's steps from its "
+             "timeline). Medians, ms.", ""]
+    if not found:
+        return lines + ["Not measured in this run.", ""]
+    lines += ["| host | database | targets | cycles ok, held | blocked (min–max) | "
+              + " | ".join(label for _, label in PARTS) + " | host's share |",
+              "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: |"]
+    for h in found:
+        m = h.get("median_ms") or {}
+        if not m:
+            lines.append(f"| {h['host']} | {KIND_LABEL[h['kind']]} | {h['targets']} | "
+                         f"0/{h.get('cycles', 0)} | {h.get('error', 'no good cycle')} |"
+                         + " |" * (len(PARTS) + 1))
+            continue
+        blocked = [c["blocked"] for c in h["per_cycle"]]
+        lines.append(f"| {h['host']} | {KIND_LABEL[h['kind']]} | {h['targets']} | "
+                     f"{h['ok_cycles']}/{h['cycles']}, {h['held_cycles']} | {m['blocked']:.0f} "
+                     f"({min(blocked):.0f}–{max(blocked):.0f}) | "
+                     + " | ".join(f"{m[k]:.1f}" for k, _ in PARTS)
+                     + f" | {100 * m['host'] / m['blocked']:.0f} % |")
+    lines += ["", "Filesystem frozen by the host here: "
+              + "; ".join(sorted({f"{h['host']}: {h['freeze']}" for h in found})) + ".", ""]
+    azure = [h for h in found if h["host"] == "azure" and h.get("median_ms")]
+    if azure:
+        share = min(100 * h["median_ms"]["host"] / h["median_ms"]["blocked"] for h in azure)
+        poll = [c["host_poll"] for h in azure for c in h["per_cycle"]]
+        ours = max(h["median_ms"]["quiesce"] for h in azure)
+        lines += [f"With Azure, the host's part dominates: at least {share:.0f} % of the time "
+                  f"writers wait is the host's, and quiesce's part is at most {ours:.0f} ms "
+                  f"(median). Most of the host's part is noticing the pre-script's exit: "
+                  f"{min(poll):.0f}–{max(poll):.0f} ms here. The extension (as the rehearsal "
+                  "plays it, from its source) has two loops that each sleep "
+                  "`ScriptsExecutionPollTimeSeconds` (1 s as installed; 3 s is the "
+                  "extension's default): the script runner checks its child once per interval "
+                  "and the plugin host checks the script runner once per interval, so the "
+                  "exit is noticed one to two intervals after it happens. That interval is the operator's "
+                  "setting to tune; quiesce's part is not.", ""]
+    return lines
