@@ -40,6 +40,7 @@ def scaling(r: dict, out_dir: Path) -> str | None:
     if not kinds:
         return None
     plt = _pyplot()
+    from matplotlib import ticker
     fig, axes = plt.subplots(len(METRICS), len(kinds), figsize=(4 * len(kinds), 9),
                              squeeze=False)
     for col, kind in enumerate(kinds):
@@ -47,23 +48,25 @@ def scaling(r: dict, out_dir: Path) -> str | None:
                            for f in r["figures"] if f["kind"] == kind})
         for row, (metric, name) in enumerate(METRICS):
             ax = axes[row][col]
-            for _, variant, label in variants:
+            for i, (_, variant, label) in enumerate(variants):
                 ns, med, p95 = _series(r, kind, variant, metric)
                 if not ns:
                     continue
-                style = "--" if variant == "baseline" else "-"
-                line, = ax.plot(ns, med, style, marker="o", label=label)
-                ax.plot(ns, p95, style, color=line.get_color(), alpha=0.3, linewidth=1)
+                base = variant == "baseline"
+                color = "black" if base else f"C{i}"
+                ax.plot(ns, med, "--" if base else "-", color=color, marker="o", label=label)
+                ax.plot(ns, p95, "--" if base else "-", color=color, alpha=0.3, linewidth=1)
             if not ax.lines:
                 ax.text(0.5, 0.5, "n/a: never blocks writers", ha="center", va="center",
                         transform=ax.transAxes)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            ax.set_xscale("log", base=2)  # N doubles; ms stay linear (they can be ≤ 0)
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
             ax.set_xticks(r["settings"]["targets"], [str(n) for n in r["settings"]["targets"]])
             ax.set_title(f"{KIND_LABEL[kind]}: {name}", fontsize=10)
             ax.set_xlabel("targets")
             ax.set_ylabel("ms (median; p95 faint)")
-            ax.grid(True, which="both", alpha=0.3)
+            ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+            ax.grid(True, alpha=0.3)
             if row == 0:
                 ax.legend(fontsize=8)
     fig.suptitle(f"quiesce against the shell baseline ({r['mode']} run, {r['date'][:10]}, "
@@ -80,7 +83,7 @@ def rehearsals(r: dict, out_dir: Path) -> str | None:
     if not found:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(found)))
+    fig, ax = plt.subplots(figsize=(9, 2.2 + 0.6 * len(found)))
     labels = [f"{h['host']}, {KIND_LABEL[h['kind']]}, N={h['targets']}" for h in found]
     left = [0.0] * len(found)
     for key, label in PARTS:
