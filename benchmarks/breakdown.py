@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import harness
-from report import KIND_LABEL
+from report import KIND_LABEL, section_head
 
 #: Per kind: the driver's import and one connection, as the adapter makes it.
 PROBES = {
@@ -214,16 +214,17 @@ def rows(b: dict) -> list[tuple[str, float | None, str]]:
 def table(r: dict) -> list[str]:
     """RESULTS.md's section: one table per kind."""
     found = r.get("breakdown") or []
-    lines = ["## Where one target's freeze latency goes", "",
-             "One target, `quiesce freeze --json` run as the pre-script runs it (`sh` exec-ing "
-             "the interpreter), timed start to exit; each part measured separately (medians, "
-             "ms). *probe*: a fresh interpreter that first imports every module the freeze "
-             "process imported (the holder is forked from it, so it has them), then times "
-             "the step. Parts measured by a probe or under `-X importtime` differ a little "
-             "from the real run (importtime's own cost, caches not shared), so the last row, "
-             "what the other rows do not explain, can come out small or negative.", ""]
+    lines = section_head(
+        "Where one target's freeze latency goes",
+        "One target, `quiesce freeze --json` run as the pre-script runs it (`sh` exec-ing the "
+        "interpreter), timed start to exit; each part measured separately (medians, ms). "
+        "*probe*: a fresh interpreter that first imports every module the freeze process "
+        "imported (the holder is forked from it, so it has them), then times the step. Parts "
+        "measured by a probe or under `-X importtime` differ a little from the real run "
+        "(importtime's own cost, caches not shared), so the last row, what the other rows do "
+        "not explain, can come out small or negative.", found)
     if not found:
-        return lines + ["Not measured in this run.", ""]
+        return lines
     for b in found:
         if b.get("error"):
             lines += [f"**{KIND_LABEL[b['kind']]}**: not measured: {b['error']}", ""]

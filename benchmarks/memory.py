@@ -10,12 +10,11 @@ reported beside it.
 from __future__ import annotations
 
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import harness
-from report import KIND_LABEL
+from report import KIND_LABEL, section_head
 
 
 def status_kib(pid: int) -> dict[str, int]:
@@ -93,13 +92,13 @@ def measure(kind, n: int, samples: int, workdir: Path, shm_root: Path) -> dict:
 def table(r: dict) -> list[str]:
     """RESULTS.md's section on the holder's memory."""
     rows = r.get("memory") or []
-    lines = ["## Holder memory", "",
-             "The holder's resident set while every target is held (`VmRSS` from "
-             "`/proc/<pid>/status`, median of the samples) and its peak over the whole freeze "
-             "(`VmHWM`), after one warm-up freeze; beside it, what the processes it started "
-             "(its stand-in watchdog) hold. Goal: under 60 MB at 32 targets.", ""]
+    lines = section_head(
+        "Holder memory", "The holder's resident set while every target is held (`VmRSS` from "
+        "`/proc/<pid>/status`, median of the samples) and its peak over the whole freeze "
+        "(`VmHWM`), after one warm-up freeze; beside it, what the processes it started (its "
+        "stand-in watchdog) hold. Goal: under 60 MB at 32 targets.", rows)
     if not rows:
-        return lines + ["Not measured in this run.", ""]
+        return lines
     lines += ["| database | targets | holder RSS (MiB) | holder peak (MiB) | "
               "its child processes: count, RSS (MiB) | samples |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]

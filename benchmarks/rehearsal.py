@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import harness
-from report import KIND_LABEL
+from report import KIND_LABEL, section_head
 
 
 @dataclass(frozen=True)
@@ -217,17 +217,17 @@ PARTS = (("quiesce_freeze", "quiesce: lock → freeze script's exit"),
 def table(r: dict) -> list[str]:
     """RESULTS.md's section: one row per host and kind, then what it means."""
     found = r.get("rehearsals") or []
-    lines = ["## A whole host cycle: whose part of the writers' wait", "",
-             "The host's own rehearsal (`Host.rehearse`, what `quiesce rehearse` runs) plays "
-             "its part: the scripts run the way the host runs them, with the poll interval "
-             "`quiesce install` configured, around the host's filesystem freeze and a "
-             "snapshot step; the independent writer commits meanwhile. *Blocked* is the "
-             "writer's longest gap; quiesce's part is lock → the freeze script's exit plus "
-             "the thaw script's start → writable; the host's part is everything in between "
-             "(the freeze script's exit is taken from a pidfd, the host's steps from its "
-             "timeline). Medians, ms.", ""]
+    lines = section_head(
+        "A whole host cycle: whose part of the writers' wait",
+        "The host's own rehearsal (`Host.rehearse`, what `quiesce rehearse` runs) plays its "
+        "part: the scripts run the way the host runs them, with the poll interval `quiesce "
+        "install` configured, around the host's filesystem freeze and a snapshot step; the "
+        "independent writer commits meanwhile. *Blocked* is the writer's longest gap; "
+        "quiesce's part is lock → the freeze script's exit plus the thaw script's start → "
+        "writable; the host's part is everything in between (the freeze script's exit is "
+        "taken from a pidfd, the host's steps from its timeline). Medians, ms.", found)
     if not found:
-        return lines + ["Not measured in this run.", ""]
+        return lines
     lines += ["| host | database | targets | cycles ok, held | blocked (min–max) | "
               + " | ".join(label for _, label in PARTS) + " | host's share |",
               "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in PARTS) + " | ---: |"]

@@ -11,6 +11,11 @@ TARGETS = {"sqlite": "database files", "redis": "servers", "mariadb": "servers",
            "postgresql": "clusters"}
 
 
+def section_head(title: str, intro: str, found) -> list[str]:
+    """A section's heading and introduction, and a note when nothing was *found*."""
+    return [f"## {title}", "", intro, ""] + ([] if found else ["Not measured in this run.", ""])
+
+
 def _cell(stats: dict | None, digits: int = 1) -> str:
     if not stats:
         return "n/a"

@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,17 +181,8 @@ def startup_costs(repeat: int) -> dict:
         "import the drivers (psycopg, pymysql, redis)":
             [py, "-B", "-c", "import psycopg, pymysql, redis"],
     }
-    out = {}
     env = harness.script_env()
-    for label, argv in probes.items():
-        times = []
-        for _ in range(repeat + 1):
-            start = time.monotonic()
-            subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-            times.append(time.monotonic() - start)
-        out[label] = round(statistics.median(times[1:]) * 1000, 1)
-    return out
+    return {label: round(breakdown.wall_ms(argv, env, repeat), 1) for label, argv in probes.items()}
 
 
 def finite(obj):
