@@ -84,7 +84,8 @@ def rehearsals(r: dict, out_dir: Path) -> str | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 2.2 + 0.6 * len(found)))
-    labels = [f"{h['host']}, {KIND_LABEL[h['kind']]}, N={h['targets']}" for h in found]
+    labels = [f"{h['host']} (poll {h.get('poll_s', '?')} s), {KIND_LABEL[h['kind']]}, "
+              f"N={h['targets']}" for h in found]
     left = [0.0] * len(found)
     for key, label in PARTS:
         widths = [h["median_ms"][key] for h in found]
