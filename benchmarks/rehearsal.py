@@ -184,6 +184,16 @@ def split(cycle: dict, times, which, n: int, until: float) -> dict | None:
     return out
 
 
+def failure(cycle: dict) -> str:
+    """Why a rehearsal gave no figures: the host's result, its last events, missing marks."""
+    report = cycle["report"]
+    missing = [k for k in ("freeze_script", "freeze_exit", "noticed", "thaw_script")
+               if cycle["marks"].get(k) is None]
+    events = "; ".join(e["event"] for e in report.get("timeline", [])[-4:])
+    return (f"host result {report.get('code')} {report.get('message', '')}"
+            + (f"; not seen: {', '.join(missing)}" if missing else "") + f"; last events: {events}")
+
+
 def rehearse(host_name: str, kind, n: int, cycles: int, step: float, workdir: Path,
              shm_root: Path, *, poll: int | None = None, progress=print) -> dict:
     """*cycles* rehearsals of *host_name* (plus a warm-up) on *n* targets of *kind*, with
@@ -215,8 +225,9 @@ def rehearse(host_name: str, kind, n: int, cycles: int, step: float, workdir: Pa
     starts = [c["marks"].get("freeze_script", 0.0) for c in done] + [float("inf")]
     rows = [split(c, times, which, n, starts[i + 1]) for i, c in enumerate(done)][1:]
     good = [r for r in rows if r]
+    problems = [failure(c) for c, r in zip(done[1:], rows) if r is None] + [problem]
     result.update(cycles=len(rows), ok_cycles=len(good), held_cycles=sum(r["held"] for r in good),
-                  per_cycle=good, problems=[problem] if problem else [],
+                  per_cycle=good, problems=[p for p in problems if p][:3],
                   codes=[c["report"].get("code") for c in done[1:]],
                   median_ms={k: round(statistics.median(r[k] for r in good), 1)
                              for k in good[0] if k != "held"} if good else {})
