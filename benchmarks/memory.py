@@ -17,6 +17,9 @@ import harness
 from report import KIND_LABEL, section_head
 
 
+GOAL_MIB = 60e6 / 2**20  # the issue's 60 MB for the holder at 32 targets, in MiB
+
+
 def status_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of *pid* in KiB; empty if it is gone."""
     found = {}
@@ -96,16 +99,18 @@ def table(r: dict) -> list[str]:
         "Holder memory", "The holder's resident set while every target is held (`VmRSS` from "
         "`/proc/<pid>/status`, median of the samples) and its peak over the whole freeze "
         "(`VmHWM`), after one warm-up freeze; beside it, what the processes it started (its "
-        "stand-in watchdog) hold. Goal: under 60 MB at 32 targets.", rows)
+        "stand-in watchdog) hold. Goal: under 60 MB (57.2 MiB) at 32 targets.", rows)
     if not rows:
         return lines
     lines += ["| database | targets | holder RSS (MiB) | holder peak (MiB) | "
-              "its child processes: count, RSS (MiB) | samples |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "its child processes: count, RSS (MiB) | samples | goal at 32 |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for m in rows:
         if m.get("error"):
-            lines.append(f"| {KIND_LABEL[m['kind']]} | {m['targets']} | {m['error']} | | | 0 |")
+            lines.append(f"| {KIND_LABEL[m['kind']]} | {m['targets']} | {m['error']} | | | 0 | |")
             continue
-        lines.append(f"| {KIND_LABEL[m['kind']]} | {m['targets']} | {m['rss_mib']:.1f} | {m['hwm_mib']:.1f} | "
-                     f"{m['children']}, {m['children_rss_mib']:.1f} | {m['samples']} |")
+        goal = "" if m["targets"] != 32 else "met" if m["hwm_mib"] < GOAL_MIB else "**missed**"
+        lines.append(f"| {KIND_LABEL[m['kind']]} | {m['targets']} | {m['rss_mib']:.1f} | "
+                     f"{m['hwm_mib']:.1f} | {m['children']}, {m['children_rss_mib']:.1f} | "
+                     f"{m['samples']} | {goal} |")
     return lines + [""]
