@@ -111,14 +111,19 @@ def import_self_us(stderr: str) -> dict[str, int]:
     return found
 
 
-def import_groups_ms(freeze_us: dict[str, int], bare_us: dict[str, int]) -> dict[str, float]:
-    """The freeze's imports beyond the bare interpreter's, summed per top-level package."""
+OTHER = "standard library and other packages"
+
+
+def import_groups_ms(freeze_us: dict[str, int], bare_us: dict[str, int], *,
+                     by_package: bool = False) -> dict[str, float]:
+    """The freeze's imports beyond the bare interpreter's, summed per group (quiesce,
+    click, pluggy, the rest) or, *by_package*, per top-level package."""
     groups: dict[str, float] = {}
     for module, us in freeze_us.items():
         if module in bare_us:
             continue
         top = module.split(".")[0]
-        group = top if top in GROUPS else "standard library and other packages"
+        group = top if by_package or top in GROUPS else OTHER
         groups[group] = groups.get(group, 0.0) + us / 1000
     return groups
 
@@ -170,6 +175,9 @@ def measure(kind, runs: int, workdir: Path, shm_root: Path) -> dict:
     bare = import_self_us(subprocess.run(_py("-X", "importtime", "-c", "pass"), env=env,
                                          capture_output=True, text=True).stderr)
     groups = [import_groups_ms(i, bare) for i in imports]
+    packages = [import_groups_ms(i, bare, by_package=True) for i in imports]
+    others = {p: statistics.median(x.get(p, 0.0) for x in packages)
+              for p in {p for x in packages for p in x} if p not in GROUPS}
     modules = json.dumps(sorted({m for i in imports for m in i if "__main__" not in m}))
     imp, conn = PROBES[kind.name]
     driver = probe_ms(PROBE.format(imp=imp, conn=conn), json.dumps(kind.quiesce_target(0)),
@@ -181,6 +189,8 @@ def measure(kind, runs: int, workdir: Path, shm_root: Path) -> dict:
             "python_ms": round(wall_ms(_py("-c", "pass"), env, runs), 1),
             "imports_ms": {g: round(statistics.median(x.get(g, 0.0) for x in groups), 1)
                            for g in sorted({g for x in groups for g in x})},
+            "largest_other_imports_ms": {p: round(ms, 1) for p, ms in
+                                         sorted(others.items(), key=lambda i: -i[1])[:8]},
             "adapters_ms": round(config[0], 1) if config else None,
             "config_ms": round(config[1], 1) if config else None,
             "driver_import_ms": round(driver[0], 1) if driver else None,
@@ -233,5 +243,9 @@ def table(r: dict) -> list[str]:
                   f"({b['runs']} runs)", "", "| part | ms | measured by |", "| --- | ---: | --- |"]
         lines += [f"| {part} | {'n/a' if ms is None else f'{ms:.1f}'} | {how} |"
                   for part, ms, how in rows(b)]
+        largest = b.get("largest_other_imports_ms") or {}
+        if largest:
+            lines += ["", f"Largest in *{OTHER}* (top-level package, ms): "
+                      + ", ".join(f"{p} {ms:.1f}" for p, ms in largest.items()) + "."]
         lines.append("")
     return lines
