@@ -125,11 +125,12 @@ class Writer:
 # --------------------------------------------------------------------- the two contenders
 
 class QuiesceSetup:
-    """A quiesce config for some targets, installed for Azure under a staging root."""
+    """A quiesce config for some targets, installed for a host (Azure unless told) under a
+    staging root. The cycles run Azure's pre-/post-scripts; other hosts are rehearsed."""
 
     tool = "quiesce"
 
-    def __init__(self, workdir: Path, targets_toml: str, *, shm: Path):
+    def __init__(self, workdir: Path, targets_toml: str, *, shm: Path, host: str = "azure"):
         self.workdir = workdir
         self.runtime_dir = shm / "run"
         self.logs = workdir / "log"
@@ -139,11 +140,11 @@ class QuiesceSetup:
                                f"log_file = \"{self.logs}/quiesce.log\"\n\n{targets_toml}")
         self.config.chmod(0o600)
         proc = subprocess.run([sys.executable, "-m", "quiesce", "--config", str(self.config),
-                               "install", "azure", "--root", str(self.root),
+                               "install", host, "--root", str(self.root),
                                "--log-dir", str(self.logs)],
                               capture_output=True, text=True, cwd=workdir)
         if proc.returncode != 0:
-            raise RuntimeError(f"quiesce install azure failed: {proc.stdout}{proc.stderr}")
+            raise RuntimeError(f"quiesce install {host} failed: {proc.stdout}{proc.stderr}")
         self.pre = ["sh", str(self.root / "etc/azure/quiesce-pre-script.sh")]
         self.post = ["sh", str(self.root / "etc/azure/quiesce-post-script.sh")]
         self.env = script_env()

@@ -11,6 +11,11 @@ TARGETS = {"sqlite": "database files", "redis": "servers", "mariadb": "servers",
            "postgresql": "clusters"}
 
 
+def section_head(title: str, intro: str, found) -> list[str]:
+    """A section's heading and introduction, and a note when nothing was *found*."""
+    return [f"## {title}", "", intro, ""] + ([] if found else ["Not measured in this run.", ""])
+
+
 def _cell(stats: dict | None, digits: int = 1) -> str:
     if not stats:
         return "n/a"
@@ -306,23 +311,38 @@ def phases_table(r: dict) -> list[str]:
     return lines
 
 
-def readme_table(r: dict) -> str:
-    """One target per kind: the three figures side by side (the README quotes it)."""
-    lines = ["| database (1 target) | freeze latency, ms | thaw latency, ms | hold overhead, ms |",
-             "| --- | ---: | ---: | ---: |"]
-    for kind, n, q, b in pairs(r):
-        if n != 1:
-            continue
-        label = _row_label(kind, q, _variants(r, kind) > 1)
+README_TARGETS = (1, 8, 32)
 
-        def both(metric):
-            if not q["blocks_writers"]:
-                return "n/a (never blocks)"
-            return (f"{_median(q.get(metric)) or 0:.0f} (baseline "
-                    f"{_median(b.get(metric)) if b and b.get(metric) else float('nan'):.0f})")
-        lines.append(f"| {label} | {_median(q.get('freeze_ms')) or 0:.0f} (baseline "
-                     f"{_median(b.get('freeze_ms')) if b and b.get('freeze_ms') else float('nan'):.0f}) | "
-                     f"{both('thaw_ms')} | {both('hold_overhead_ms')} |")
+
+def ratio_cell(q: dict, b: dict | None, metric: str) -> str:
+    """'quiesce / baseline = ratio×' for one figure's medians."""
+    if not q["blocks_writers"] and metric != "freeze_ms":
+        return "n/a (never blocks)"
+    qm, bm = _median(q.get(metric)), _median(b.get(metric)) if b else None
+    if qm is None:
+        return "n/a"
+    if bm is None:
+        return f"{qm:.0f} (no baseline)"
+    ratio = f"{qm / bm:.1f}×" if bm > 0 else "∞"
+    return f"{qm:.0f} / {bm:.0f} = **{ratio}**"
+
+
+def ratio_table(r: dict, targets=None) -> list[str]:
+    """Each figure's median, quiesce / baseline = ratio, for every (or the given) N."""
+    lines = ["| database | targets | freeze latency, ms | thaw latency, ms | hold overhead, ms |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for kind, n, q, b in pairs(r):
+        if targets is None or n in targets:
+            label = _row_label(kind, q, _variants(r, kind) > 1)
+            lines.append(f"| {label} | {n} | " + " | ".join(
+                ratio_cell(q, b, m) for m in ("freeze_ms", "thaw_ms", "hold_overhead_ms")) + " |")
+    return lines
+
+
+def readme_table(r: dict) -> str:
+    """Each figure's median, quiesce against the baseline and their ratio, at 1, 8 and 32
+    targets (those of them that ran); the README quotes it."""
+    lines = ratio_table(r, README_TARGETS)
     lines.append("")
     stall = r.get("stall")
     rows = {row["contender"]: row for row in (stall or {}).get("rows", ())}
@@ -346,9 +366,12 @@ def readme_table(r: dict) -> str:
                      f"handler: {worst['baseline']['p99']:.0f} ms), with "
                      f"{worst['rows_per_transaction']}-row transactions.")
         lines.append("")
-    lines.append(f"Medians of {r['settings']['cycles'].get('1', '?')} cycles on "
-                 f"{r['machine']['cpus']} CPUs, {r['date'][:10]}; baseline: a shell script with "
-                 f"the database's client kept open on a FIFO. Details, p95 and 8/32 targets: "
+    cycles = r["settings"]["cycles"]
+    lines.append(f"Each cell: quiesce / baseline = ratio (medians of {cycles.get('1', '?')} cycles "
+                 f"at 1 target down to {cycles.get(str(max(r['settings']['targets'])), '?')} at "
+                 f"{max(r['settings']['targets'])}) on {r['machine']['cpus']} CPUs, "
+                 f"{r['date'][:10]}; baseline: a shell script with the database's client kept "
+                 f"open on a FIFO. Details, p95, every N from 1 to 32 and the scaling plot: "
                  f"[benchmarks/RESULTS.md](benchmarks/RESULTS.md).")
     return "\n".join(lines)
 
@@ -396,7 +419,11 @@ def render(r: dict) -> str:
         f"{step_ms:.0f} ms, `sh <post-script>`, noting when each script started and exited; "
         f"{st['gap_s'] * 1000:.0f} ms pass between cycles, and one warm-up cycle per "
         "configuration is not counted. No filesystem is frozen (the host would freeze them; "
-        "here the step is a sleep), so the figures are the databases' side of the cycle.")
+        "here the step is a sleep), so the figures are the databases' side of the cycle. "
+        "Cycles counted per configuration, by number of targets: "
+        + ", ".join(f"N = {n}: {c}" for n, c in st["cycles"].items())
+        + " (fewer where each cycle is long, to keep a full run near a quarter of an hour); "
+        "every quiesce figure has its baseline from the same run, same servers, same writer.")
     add("")
     add("* **quiesce**: the pre-/post-scripts generated by `quiesce install azure --root <tmp> "
         "--log-dir <tmp>`, with a config of N targets (defaults: `timeout = 10`, "
@@ -451,6 +478,13 @@ def render(r: dict) -> str:
     add(f"Longest gap between commits in the cycle − the {step_ms:.0f} ms snapshot step.")
     add("")
     L.extend(figure_table(r, "hold_overhead_ms", na_note="n/a (never blocks)"))
+    add("")
+    add("## quiesce against the baseline: ratios (medians, ms)")
+    add("")
+    add("The issue's goals: hold overhead and thaw latency ≤ 1.0×, freeze latency ≤ 2.0× at "
+        "32 targets.")
+    add("")
+    L.extend(ratio_table(r))
     add("")
     growth = growth_table(r)
     if growth:
@@ -507,6 +541,9 @@ def render(r: dict) -> str:
     else:
         add("Not run (MariaDB not available, or `--no-stall`).")
     add("")
+    import breakdown, memory, plot, rehearsal  # their sections (they import this module)
+    for section in (plot.section, breakdown.table, memory.table, rehearsal.table):
+        L.extend(section(r))
     add("## Where quiesce is slower than the baseline, and why")
     add("")
     found = slower(r)
@@ -554,10 +591,10 @@ def render(r: dict) -> str:
     add("")
     add("## Not measured here")
     add("")
-    add("* A real snapshot: no filesystem is frozen and the step is a sleep, so nothing here "
-        "includes the host's own freeze, thaw and capture, nor its polling: Azure notices a "
-        "script's end only at its next poll (every second with the JSON quiesce installs), "
-        "which adds up to a second to every real hold, for quiesce and the baseline alike.")
+    add("* A real snapshot: in the cycles the step is a sleep and no filesystem is frozen; "
+        "the host's polling and its freeze (of an idle loop filesystem, when run as root) "
+        "are measured in *A whole host cycle* above, but a cloud disk snapshot's own capture "
+        "time is the provider's and is not.")
     add("* A cold first run: one warm-up cycle per configuration is discarded, so the "
         "interpreter, the drivers and the clients come from the page cache; the first backup "
         "after a boot pays their reads from disk once.")

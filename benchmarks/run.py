@@ -1,6 +1,6 @@
 """`make bench`: how long quiesce blocks writers, beside a shell baseline, in one run.
 
-    python benchmarks/run.py                 # full: 1, 8 and 32 targets, bounded stall
+    python benchmarks/run.py                 # full: 1 to 32 targets, bounded stall
     python benchmarks/run.py --quick --output /tmp/x   # a few cycles, 1 target (tests)
     python benchmarks/run.py --sqlite-lock-only        # just that figure, into results.json
 
@@ -9,10 +9,12 @@ on unix sockets and loopback only, and always stopped), an independent writer pr
 commits as fast as it can while the driver runs whole snapshot cycles through the Azure
 pre-/post-scripts that `quiesce install azure` generated, and through a hand-written
 baseline script pair (benchmarks/baseline/). Figures: freeze latency, thaw latency, hold
-overhead, for 1, 8 and 32 targets, and the bounded stall on MariaDB behind a long
-statement, and SQLite's lock acquisition against a writer committing back to back
-(benchmarks/sqlite_lock.py). Results go to RESULTS.md and results.json in --output (default: benchmarks/);
-a full run into benchmarks/ also refreshes the table the README quotes.
+overhead, for 1, 2, 4, 8, 16 and 32 targets (scaling.png), the bounded stall on MariaDB
+behind a long statement, the holder's memory, where one target's freeze latency goes, and
+a whole host cycle per host (rehearsal.png), and SQLite's lock acquisition against a
+writer committing back to back (sqlite_lock.py). Results go to RESULTS.md, results.json and
+the pictures in --output (default: benchmarks/); a full run into benchmarks/ also
+refreshes the table the README quotes.
 
 No filesystem is frozen: the snapshot step is a fixed sleep, and what is measured is the
 databases' side of the cycle.
@@ -27,7 +29,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,15 +40,29 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
+import breakdown  # noqa: E402
 import harness  # noqa: E402
 import kinds  # noqa: E402
+import memory  # noqa: E402
+import plot  # noqa: E402
+import rehearsal  # noqa: E402
 import report  # noqa: E402
 import sqlite_lock  # noqa: E402
 import stall  # noqa: E402
 
-FULL_CYCLES = {1: 30, 8: 12, 32: 6}
+#: Cycles per configuration: fewer where each cycle is long, for a full run of about
+#: 15 minutes on two CPUs (medians of 5 or more are what the tables show).
+FULL_CYCLES = {1: 20, 2: 10, 4: 8, 8: 8, 16: 6, 32: 5}
 QUICK_CYCLES = 3
 LOCK_SAMPLES = {"full": 200, "quick": 5}  # SQLite lock acquisitions per contender
+#: The extra figures: runs per breakdown, samples per memory figure, host cycles per
+#: rehearsal (each takes 2-5 s: the host's polls), full and quick.
+EXTRA_RUNS = {"full": {"breakdown": 10, "memory": 3, "rehearsal": 5},
+              "quick": {"breakdown": 2, "memory": 1, "rehearsal": 1}}
+HOSTS = ("azure",)  # rehearsed hosts; a host needs an entry in rehearsal.HOSTS
+#: A full run also rehearses these hosts with another poll interval than the installed
+#: one, on SQLite: Azure's own default (3 s), to show what that setting costs writers.
+OTHER_POLLS = {"azure": 3}
 STEP = 0.3          # seconds: the snapshot step
 GAP = 0.15          # seconds between cycles, so the writer runs freely in between
 
@@ -59,15 +74,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=HERE, help="where RESULTS.md and results.json go")
     p.add_argument("--kinds", default=",".join(kinds.KINDS),
                    help="comma-separated subset of: " + ", ".join(kinds.KINDS))
-    p.add_argument("--targets", help="comma-separated target counts (default 1,8,32; quick: 1)")
-    p.add_argument("--cycles", type=int, help="cycles per configuration (default: 30 at N=1, "
-                                              "12 at N=8, 6 at N=32; quick: 3)")
+    p.add_argument("--targets", help="comma-separated target counts (default 1,2,4,8,16,32; "
+                                     "quick: 1)")
+    p.add_argument("--cycles", type=int, help="cycles per configuration (default: 20 at N=1 "
+                                              "down to 5 at N=32; quick: 3)")
     p.add_argument("--step", type=float, default=STEP, help="snapshot step in seconds")
     p.add_argument("--no-stall", dest="stall", action="store_false",
                    help="skip the MariaDB bounded-stall scenario")
     p.add_argument("--sqlite-lock-only", action="store_true",
                    help="measure only SQLite's lock acquisition against a tight-loop writer; "
                         "the other figures in --output's results.json are kept")
+    p.add_argument("--no-extras", dest="extras", action="store_false",
+                   help="skip the holder memory, the freeze breakdown and the host rehearsals")
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rewrite RESULTS.md (and, for a full run in "
                         "benchmarks/, the README table) from --output's results.json")
@@ -85,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def cycles_for(args, n: int) -> int:
     if args.cycles:
-        return args.cycles if n == 1 else max(3, args.cycles * FULL_CYCLES.get(n, 6) // 30)
+        return args.cycles if n == 1 else max(3, args.cycles * FULL_CYCLES.get(n, 6) // 20)
     if args.quick:
         return QUICK_CYCLES
     return FULL_CYCLES.get(n, 6)
@@ -173,17 +191,8 @@ def startup_costs(repeat: int) -> dict:
         "import the drivers (psycopg, pymysql, redis)":
             [py, "-B", "-c", "import psycopg, pymysql, redis"],
     }
-    out = {}
     env = harness.script_env()
-    for label, argv in probes.items():
-        times = []
-        for _ in range(repeat + 1):
-            start = time.monotonic()
-            subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-            times.append(time.monotonic() - start)
-        out[label] = round(statistics.median(times[1:]) * 1000, 1)
-    return out
+    return {label: round(breakdown.wall_ms(argv, env, repeat), 1) for label, argv in probes.items()}
 
 
 def finite(obj):
@@ -229,6 +238,35 @@ def lock_only(out_dir: Path, mode: str) -> int:
     (out_dir / "RESULTS.md").write_text(report.render(results))
     print(f"wrote the SQLite lock figure into {path} and {out_dir / 'RESULTS.md'}")
     return 0
+def extras(kind, args, work: Path, shm_root: Path, results: dict) -> None:
+    """The holder's memory (1 and the most targets), where one target's freeze latency
+    goes, and a whole host cycle per host (kinds whose quiesce blocks writers)."""
+    runs = EXTRA_RUNS["quick" if args.quick else "full"]
+    for n in sorted({1, max(args.targets)}):
+        m = memory.measure(kind, n, runs["memory"], work, shm_root)
+        results["memory"].append(m)
+        print(f"  {kind.name:<10} N={n:<3} holder memory: RSS {m.get('rss_mib', '?')} MiB, "
+              f"peak {m.get('hwm_mib', '?')} MiB {m.get('error', '')}", flush=True)
+    b = breakdown.measure(kind, runs["breakdown"], work, shm_root)
+    results["breakdown"].append(b)
+    print(f"  {kind.name:<10} N=1   freeze breakdown: {b['freeze_ms']:.0f} ms end to end",
+          flush=True)
+    if not next(v for v in kind.variants() if v.tool == "quiesce").blocks_writers:
+        return
+    polls = [(host, None) for host in HOSTS]
+    if kind.name == "sqlite" and not args.quick:
+        polls += [(host, poll) for host, poll in OTHER_POLLS.items() if host in HOSTS]
+    for host, poll in polls:
+        results["rehearsals"].append(rehearsal.rehearse(
+            host, kind, 1, runs["rehearsal"], args.step, work, shm_root, poll=poll,
+            progress=lambda s: print(s, flush=True)))
+
+
+def write_outputs(results: dict, out_dir: Path) -> None:
+    """The pictures, results.json and RESULTS.md, all from the same results."""
+    results["plots"] = plot.draw(results, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    (out_dir / "RESULTS.md").write_text(report.render(results))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.output.resolve()
     if args.report_only:
         results = json.loads((out_dir / "results.json").read_text())
-        (out_dir / "RESULTS.md").write_text(report.render(results))
+        write_outputs(results, out_dir)
         print(f"wrote {out_dir / 'RESULTS.md'} from {out_dir / 'results.json'}")
         if results["mode"] == "full" and out_dir == HERE.resolve() and not results["errors"]:
             if update_readme(report.readme_table(results)):
@@ -250,13 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"quiesce benchmarks ({mode}): kinds {', '.join(args.kinds)}; targets "
           f"{', '.join(map(str, args.targets))}; results in {out_dir}", flush=True)
     results: dict = {
-        "schema": 1, "mode": mode,
+        "schema": 2, "mode": mode,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "versions": {},
         "settings": {"step_s": args.step, "gap_s": GAP, "max_hold_s": harness.MAX_HOLD,
                      "targets": args.targets, "warmup_cycles": 1,
                      "cycles": {str(n): cycles_for(args, n) for n in args.targets}},
         "startup_ms": {}, "figures": [], "stall": None, "sqlite_lock": None, "skipped": [], "errors": [],
+        "memory": [], "breakdown": [], "rehearsals": [], "plots": {},
     }
     results["startup_ms"] = startup_costs(3 if args.quick else 10)
     work = Path(tempfile.mkdtemp(prefix="quiesce-bench-"))
@@ -292,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                         kind, query_s=8 if args.quick else 60, cap_s=1.0 if args.quick else 10.0,
                         step=args.step, workdir=work, shm_root=shm_root, quick=args.quick,
                         progress=lambda s: print(s, flush=True))
+                if args.extras:
+                    extras(kind, args, work, shm_root, results)
             except Exception as e:
                 traceback.print_exc()
                 results["errors"].append({"kind": name, "error": f"{type(e).__name__}: {e}"})
@@ -304,9 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     results["duration_s"] = round(time.monotonic() - began, 1)
     results["machine"]["load_end"] = _load()
     results = finite(results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    (out_dir / "RESULTS.md").write_text(report.render(results))
-    print(f"wrote {out_dir / 'RESULTS.md'} and {out_dir / 'results.json'} "
+    write_outputs(results, out_dir)
+    print(f"wrote {out_dir / 'RESULTS.md'}, {out_dir / 'results.json'} and the pictures "
           f"({results['duration_s']:.0f} s)", flush=True)
     if mode == "full" and out_dir == HERE.resolve() and not results["errors"]:
         if update_readme(report.readme_table(results)):

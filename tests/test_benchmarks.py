@@ -3,7 +3,8 @@
 No timing assertions: the figures depend on the machine. What is checked is that the
 harness ran every configuration it could, wrote results with the expected structure and
 only finite numbers, and (for SQLite, which is always there) that both contenders really
-held the database through every snapshot step.
+held the database through every snapshot step; that the extra figures (holder memory, the
+freeze breakdown, the host rehearsal) and the pictures exist.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def quick_run(tmp_path_factory):
 
 def test_structure(quick_run):
     r, _ = quick_run
-    assert r["schema"] == 1 and r["mode"] == "quick"
+    assert r["schema"] == 2 and r["mode"] == "quick"
     for key in ("date", "machine", "versions", "settings", "startup_ms", "figures", "stall",
-                "sqlite_lock", "skipped", "errors", "duration_s"):
+                "sqlite_lock", "skipped", "errors", "duration_s", "memory", "breakdown", "rehearsals", "plots"):
         assert key in r, key
     assert isinstance(r["machine"]["cpus"], int) and r["machine"]["kernel"]
     assert r["settings"]["targets"] == [1]
@@ -132,3 +133,60 @@ def test_report_written(quick_run):
                     "## Did the hold really hold?", "## Bounded stall",
                     "## Where quiesce is slower than the baseline"):
         assert heading in text, heading
+
+
+def _measured(r):
+    return {f["kind"] for f in r["figures"]}
+
+
+def test_holder_memory(quick_run):
+    r, _ = quick_run
+    assert {(m["kind"], m["targets"]) for m in r["memory"]} == {(k, 1) for k in _measured(r)}
+    for m in r["memory"]:
+        assert "error" not in m, m
+        assert m["samples"] >= 1
+        assert 0 < m["rss_mib"] <= m["hwm_mib"], m
+
+
+def test_freeze_breakdown_adds_up(quick_run):
+    r, _ = quick_run
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import breakdown
+    assert {b["kind"] for b in r["breakdown"]} == _measured(r)
+    for b in r["breakdown"]:
+        assert b["phases_ms"] and "quiesce" in b["imports_ms"], b
+        for key in ("freeze_ms", "sh_ms", "python_ms", "driver_import_ms", "connect_ms"):
+            assert isinstance(b[key], (int, float)) and b[key] >= 0, (b["kind"], key)
+        for key in ("adapters_ms", "config_ms"):  # None: the probe no longer fits the core
+            assert b[key] is None or b[key] >= 0, (b["kind"], key)
+        rows = breakdown.rows(b)
+        assert rows[-1][0].startswith("the rest")
+        assert sum(ms for _, ms, _ in rows if ms is not None) == pytest.approx(b["freeze_ms"])
+
+
+def test_host_rehearsal(quick_run):
+    r, _ = quick_run
+    blocking = {f["kind"] for f in r["figures"] if f["tool"] == "quiesce" and f["blocks_writers"]}
+    assert {(h["host"], h["kind"]) for h in r["rehearsals"]} == {("azure", k) for k in blocking}
+    for h in r["rehearsals"]:
+        assert h["codes"] and all(code == 0 for code in h["codes"]), h
+        assert h["ok_cycles"] == h["cycles"] == h["held_cycles"], h
+        for c in h["per_cycle"]:  # the parts tile the writer's wait
+            assert c["host"] > 0 and c["quiesce"] >= 0 and c["held"], c
+            parts = sum(c[k] for k in ("quiesce_freeze", "host_poll", "host_fs_freeze_thaw",
+                                       "host_snapshot", "host_other", "quiesce_thaw"))
+            assert parts == pytest.approx(max(c["blocked"], c["host"] + c["quiesce_thaw"]),
+                                          abs=0.1), c
+
+
+def test_pictures_and_sections(quick_run):
+    r, out = quick_run
+    assert r["plots"] == {"scaling": "scaling.png", "rehearsal": "rehearsal.png"}
+    for name in r["plots"].values():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    text = (out / "RESULTS.md").read_text()
+    for heading in ("## quiesce against the baseline: ratios", "## Scaling curves",
+                    "## Where one target's freeze latency goes", "## Holder memory",
+                    "## A whole host cycle"):
+        assert heading in text, heading
+    assert "](scaling.png)" in text and "](rehearsal.png)" in text
