@@ -132,14 +132,16 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
 @click.pass_obj
 @command
 def adapters(obj: Context, as_json: bool) -> None:
-    """List the adapters: kind, distribution, version, hooks."""
+    """List the adapters: kind, origin, driver (installed or not), hooks."""
     infos = obj.adapters.info()
     if as_json:
         click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
         return
     for i in infos:
         origin = "bundled" if i.bundled else f"{i.distribution} {i.version}"
-        click.echo(f"{i.kind:<12} {origin:<24} {', '.join(i.hooks)}")
+        driver = "" if i.driver is None else (f"{i.driver} {i.driver_version}" if i.driver_version
+                                              else f"{i.driver} NOT INSTALLED")
+        click.echo(f"{i.kind:<12} {origin:<24} {driver:<26} {', '.join(i.hooks)}")
 
 
 @cli.command("example-config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -25,9 +26,34 @@ timeout = 10                   # the longest any single step may take (connect, 
 runtime_dir = "/run/quiesce"   # must be on tmpfs: it is written while disks are frozen
 log_file = "/var/log/quiesce/quiesce.log"
 
+# One [targets.NAME] table per database. With only a kind, a server target connects
+# where the database's own client would (its socket, its option files); every key
+# and its default: docs/adapters/KIND.md. Uncomment what this machine runs.
+
 [targets.app]
 kind = "sqlite"
 path = "/var/lib/app/app.db"
+
+# [targets.main]
+# kind = "postgresql"
+# mode = "checkpoint"            # or "backup" (pg_backup_start; needs label_dir)
+# host = "/var/run/postgresql"   # libpq's: a socket directory or a host name
+# user = "postgres"              # a password comes from passfile = "/etc/quiesce/pgpass"
+
+# [targets.shop]
+# kind = "mysql"                 # MySQL or MariaDB; reads the client's option files
+# user = "root"                  # socket authentication as root needs no password
+# strategy = "auto"              # or "backup_stage", "instance_lock", "ftwrl"
+
+# [targets.orders]
+# kind = "mongodb"
+# uri = "mongodb://127.0.0.1:27017"   # a URI with a password goes in uri_file (chmod 600)
+# mode = "journal"               # or "lock" (fsyncLock; a secondary)
+
+# [targets.cache]
+# kind = "redis"
+# url = "redis://127.0.0.1:6379"  # or unix:///run/redis/redis-server.sock
+# mode = "pause"                 # or "flush-only"; a password goes in password_file
 """
 
 
@@ -72,8 +98,8 @@ def parse(path: str, text: str) -> Config:
         raise ConfigError(f"not valid TOML: {e}", file=path) from None
     unknown = sorted(set(data) - _GLOBAL_KEYS)
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r}; known keys: "
-                          f"{', '.join(sorted(_GLOBAL_KEYS))}", file=path, key=unknown[0])
+        raise ConfigError(unknown_key_message(unknown[0], _GLOBAL_KEYS), file=path,
+                          key=unknown[0])
     max_hold = _number(data, "max_hold", DEFAULT_MAX_HOLD, path)
     timeout = _number(data, "timeout", DEFAULT_TIMEOUT, path)
     runtime_dir = _string(data, "runtime_dir", DEFAULT_RUNTIME_DIR, path)
@@ -122,14 +148,31 @@ def validate_targets(config: Config, adapters: Adapters) -> None:
                               key=f"targets.{target.name}") from e
         unknown = target.unknown_keys()
         if unknown:
-            raise target.error(unknown[0], f"unknown key {unknown[0]!r} for kind "
-                                           f"{target.kind!r}")
+            raise target.error(unknown[0], unknown_key_message(
+                unknown[0], target.known_keys() | {"kind", "timeout"}, kind=target.kind))
+
+
+def unknown_key_message(key: str, known: set[str], *, kind: str | None = None) -> str:
+    """"unknown key 'paht' for kind 'sqlite'; did you mean `path`?" (or the known keys)."""
+    for_kind = f" for kind {kind!r}" if kind else ""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    if close:
+        return f"unknown key {key!r}{for_kind}; did you mean `{close[0]}`?"
+    return f"unknown key {key!r}{for_kind}; known keys: {', '.join(sorted(known))}"
 
 
 def load(path: str, adapters: Adapters) -> Config:
     """Read, check permissions, parse and validate the config at *path*."""
+    if not os.path.lexists(path):
+        raise ConfigError(f"config file {path} does not exist; create one with: quiesce "
+                          f"example-config > {path} && chmod 600 {path}")
     check_private_file(path, what="config file")
-    with open(path, encoding="utf-8") as f:
-        config = parse(path, f.read())
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except PermissionError:  # a root-owned 0600 file read by another user: a config error
+        raise ConfigError(f"cannot read config file {path}: permission denied (run quiesce "
+                          f"as root or as the file's owner)") from None
+    config = parse(path, text)
     validate_targets(config, adapters)
     return config
