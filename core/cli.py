@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -64,20 +65,36 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ctx: Context = click.get_current_context().obj
+        as_json = kwargs.get("as_json", False)
         try:
             return fn(*args, **kwargs)
         except QuiesceError as e:
-            fail(ctx, str(e), e.exit_code)
+            fail(ctx, str(e), e.exit_code, as_json=as_json, error=e)
         except OSError as e:  # permissions, a missing directory: one line, not a traceback
             where = f": {e.filename}" if e.filename else ""
             hint = "; run quiesce as root" if isinstance(e, PermissionError) else ""
-            fail(ctx, f"{e.strerror or e}{where}{hint}", 1)
+            fail(ctx, f"{e.strerror or e}{where}{hint}", 1, as_json=as_json, error=e)
     return wrapper
 
 
-def fail(ctx: Context, message: str, code: int) -> None:
-    if ctx.verbose:
+def error_object(message: str, error: BaseException | None = None) -> dict:
+    """What --json prints for an error: its kind, and for a config error where it is."""
+    name = type(error).__name__ if error is not None else "UsageError"
+    kind = re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Error") or name).lower()
+    key = getattr(error, "key", None) or None
+    target = None
+    if key and key.startswith("targets."):
+        target, _, key = key.removeprefix("targets.").partition(".")
+    return {"ok": False, "error": {"kind": kind, "file": getattr(error, "file", None),
+                                   "target": target, "key": key or None, "message": message}}
+
+
+def fail(ctx: Context | None, message: str, code: int, *, as_json: bool = False,
+         error: BaseException | None = None) -> None:
+    if ctx is not None and ctx.verbose:
         traceback.print_exc()
+    if as_json:
+        click.echo(json.dumps(error_object(message, error), indent=2))
     click.echo(f"quiesce: error: {message}", err=True)
     sys.exit(code)
 
@@ -260,7 +277,17 @@ def status(obj: Context, as_json: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="quiesce")
+    try:
+        code = cli.main(prog_name="quiesce", standalone_mode=False)
+    except click.ClickException as e:  # usage errors: as JSON too when --json was asked for
+        if "--json" in sys.argv[1:]:
+            click.echo(json.dumps(error_object(e.format_message()), indent=2))
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code or 0)
 
 
 # -- snapshot hosts -----------------------------------------------------------------------
@@ -452,6 +479,10 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
     finally:
         report = release_all(obj)
     report["command_status"] = command_status
+    if command_status:  # the snapshot failed, whatever the holds did
+        report["ok"] = False
+        report["message"] = (f"{report.get('message', '')}; the snapshot command "
+                             f"{snapshot_command[0]} exited with status {command_status}")
     lean.emit(report, as_json=as_json, started=started)
     sys.exit(command_status or lean.report_exit_code(report))
 

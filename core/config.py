@@ -141,6 +141,13 @@ def validate_targets(config: Config, adapters: Adapters) -> None:
         try:
             adapters.call("validate", target)
         except QuiesceError:
+            # A misspelt key is the likelier cause of "missing required key 'path'".
+            typo = next((key for key in target.unknown_keys()
+                         if difflib.get_close_matches(key, sorted(target.known_keys()), n=1)),
+                        None)
+            if typo:
+                raise target.error(typo, unknown_key_message(
+                    typo, target.known_keys(), kind=target.kind)) from None
             raise
         except Exception as e:  # an adapter bug must still name the target
             raise ConfigError(f"adapter {target.kind!r} could not validate it: "
@@ -164,15 +171,15 @@ def unknown_key_message(key: str, known: set[str], *, kind: str | None = None) -
 def load(path: str, adapters: Adapters) -> Config:
     """Read, check permissions, parse and validate the config at *path*."""
     if not os.path.lexists(path):
-        raise ConfigError(f"config file {path} does not exist; create one with: quiesce "
-                          f"example-config > {path} && chmod 600 {path}")
+        raise ConfigError(f"the config file does not exist; create one with: quiesce "
+                          f"example-config > {path} && chmod 600 {path}", file=path)
     check_private_file(path, what="config file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except PermissionError:  # a root-owned 0600 file read by another user: a config error
-        raise ConfigError(f"cannot read config file {path}: permission denied (run quiesce "
-                          f"as root or as the file's owner)") from None
+        raise ConfigError(f"cannot read the config file: permission denied (run quiesce "
+                          f"as root or as the file's owner)", file=path) from None
     config = parse(path, text)
     validate_targets(config, adapters)
     return config

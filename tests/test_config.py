@@ -36,6 +36,7 @@ def test_valid_config_loads_with_defaults_and_overrides(tmp_path, adapters):
     ("[targets.a]\npath = '/x.db'\n", "targets.a.kind: missing required key 'kind'"),
     ("[targets.a]\nkind = 'sqlite'\n", "targets.a.path: missing required key 'path'"),
     ("[targets.a]\nkind = 'sqlite'\npath = '/x.db'\npaht = 1\n", "targets.a.paht: unknown key 'paht' for kind 'sqlite'; did you mean `path`?"),
+    ("[targets.a]\nkind = 'sqlite'\npaht = '/x.db'\n", "targets.a.paht: unknown key 'paht' for kind 'sqlite'; did you mean `path`?"),
     ("[targets.a]\nkind = 'sqlite'\npath = 'rel.db'\n", "targets.a.path: must be an absolute path"),
     ("[targets.a]\nkind = 'sqlite'\npath = 5\n", "targets.a.path: expected str, got 5"),
     ("max_hold = -1\n[targets.a]\nkind = 'sqlite'\npath = '/x.db'\n", "max_hold: expected a number"),
@@ -157,7 +158,7 @@ def test_a_missing_config_says_how_to_create_one(tmp_path):
     proc = run(path, "check")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        f"quiesce: error: config file {path} does not exist; create one with: quiesce "
+        f"quiesce: error: {path}: the config file does not exist; create one with: quiesce "
         f"example-config > {path} && chmod 600 {path}")
 
 
@@ -178,6 +179,6 @@ def test_a_config_the_user_cannot_read_is_a_config_error_exit_2():
     finally:
         shutil.rmtree(directory)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == (f"quiesce: error: cannot read config file {path}: "
+    assert proc.stderr.strip() == (f"quiesce: error: {path}: cannot read the config file: "
                                    f"permission denied (run quiesce as root or as the "
                                    f"file's owner)")
