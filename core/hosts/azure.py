@@ -144,12 +144,25 @@ class AzureHost(Host):
                   "# The host runs `sh <this file>` as root, ignores the shebang, never reads\n"
                   "# our output, and does not kill us at its timeout.\n"
                   ).format(config=settings.config)
+        # Every line of a script's log starts with the time its message came (ISO 8601,
+        # milliseconds; GNU date), so a multi-line report keeps the prefix on each line.
+        log_fn = ("log() {\n"
+                  "  [ -n \"$1\" ] || return 0\n"
+                  "  now=$(date +%Y-%m-%dT%H:%M:%S.%3N%:z)\n"
+                  "  printf '%s\\n' \"$1\" | while IFS= read -r line; do\n"
+                  "    printf '%s %s\\n' \"$now\" \"$line\"\n"
+                  "  done >>\"$2\"\n"
+                  "}\n")
         pre = (f"#!/bin/sh\n{header}"
                "# Quiesce every target; a detached holder keeps them quiesced until the\n"
                "# post-script (or its watchdog, after max_hold) releases them.\n"
                "umask 077\n"
-               f"exec </dev/null >>{q(settings.log_dir + '/azure-pre-script.log')} 2>&1\n"
-               f"exec {q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze\n")
+               f"{log_fn}"
+               f"report=$({q(settings.python)} -B -P -m quiesce --config {q(settings.config)} "
+               "freeze </dev/null 2>&1)\n"
+               "status=$?\n"
+               f"log \"$report\" {q(settings.log_dir + '/azure-pre-script.log')}\n"
+               "exit $status\n")
         fifo = q(f"{settings.runtime_dir}/{FIFO_NAME}")
         post = (f"#!/bin/sh\n{header}"
                 "# Release every target. The shell's printf tells the holder at once (the FIFO\n"
@@ -161,7 +174,8 @@ class AzureHost(Host):
                 f"report=$({q(settings.python)} -I -S -B {q(settings.thaw_script)} "
                 f"--config {q(settings.config)} </dev/null 2>&1)\n"
                 "status=$?\n"
-                f"printf '%s\\n' \"$report\" >>{q(settings.log_dir + '/azure-post-script.log')}\n"
+                f"{log_fn}"
+                f"log \"$report\" {q(settings.log_dir + '/azure-post-script.log')}\n"
                 "exit $status\n")
         return [HostFile(CONFIG_JSON, json.dumps(config, indent=2) + "\n", 0o600),
                 HostFile(PRE_SCRIPT, pre, 0o700),
