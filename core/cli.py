@@ -107,8 +107,10 @@ def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False
     overran its limit, joining the abandoned thread could take forever.
     """
     import logging
-    logging.getLogger("quiesce.cli").info("%s: %s", report.get("action", "report"),
-                                          report.get("message", ""))
+    from .logs import IN_REPORT
+    level = logging.INFO if report.get("ok", True) else logging.WARNING
+    logging.getLogger("quiesce.cli").log(level, "%s: %s", report.get("action", "report"),
+                                         report.get("message", ""), extra=IN_REPORT)
     lean.emit(report, as_json=as_json, started=started)
     code = lean.report_exit_code(report)
     if fast_exit:

@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from . import logs
+from .logs import IN_REPORT
 from .config import Config
 from .errors import BusyError, ConfigError
 from .phases import Outcome, hard_limit, run_phase
@@ -218,7 +219,8 @@ class Holder:
                            "held_for": round(held_for, 3), "message": message,
                            "outcomes": [o.as_dict() for o in outcomes]}
             self.released.set()
-            log.info("released by %s: %s", by, message)
+            log.log(logging.INFO if ok else logging.WARNING, "released by %s: %s", by, message,
+                    extra=IN_REPORT)
             return self.report
 
     def _thaw_in_reverse(self, reason: str | None) -> list[Outcome]:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .errors import HoldBroken, QuiesceError
+from .logs import IN_REPORT
 from .plugins import Adapters
 from .target import Hold, Target
 
@@ -77,8 +78,11 @@ def call(adapters: Adapters, hook: str, target: Target, **kwargs: Any) -> tuple[
     if facts:  # a copy that JSON can carry: an adapter's datetime must not break a report
         facts = json.loads(json.dumps(facts, default=str))
     outcome = Outcome(target.name, target.kind, hook, status, duration, facts or None, error)
-    log.info("%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, status,
-             duration * 1000, f": {error}" if error else "")
+    # A failure is a warning, a broken hold an error; the command's report already prints
+    # them, so the console leaves them to it (logs.IN_REPORT).
+    level = {"ok": logging.INFO, "failed": logging.WARNING}.get(status, logging.ERROR)
+    log.log(level, "%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, status,
+            duration * 1000, f": {error}" if error else "", extra=IN_REPORT)
     return outcome, result
 
 

@@ -182,3 +182,32 @@ def test_a_config_the_user_cannot_read_is_a_config_error_exit_2():
     assert proc.stderr.strip() == (f"quiesce: error: {path}: cannot read the config file: "
                                    f"permission denied (run quiesce as root or as the "
                                    f"file's owner)")
+
+
+# ------------------------------------------------------------------ quiesce.log
+
+
+def test_buffered_log_records_are_written_in_the_order_they_were_made(tmp_path):
+    """Threads of the holder log concurrently; the file must read in time order."""
+    import logging
+    from quiesce import logs
+    log_file = tmp_path / "q.log"
+    write_out = logs.buffer_until_released(str(log_file))
+    logger = logging.getLogger("quiesce.test")
+    for created, text in ((30.0, "third"), (10.0, "first"), (20.0, "second")):
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, text, (), None)
+        record.created = created
+        logger.handle(record)
+    write_out()
+    assert [line.rsplit(" ", 1)[-1] for line in log_file.read_text().splitlines()] == [
+        "first", "second", "third"]
+
+
+def test_a_failed_phase_is_logged_as_a_warning_not_info(tmp_path):
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(tmp_path / "no.db")}})
+    proc = run(config, "check")
+    assert proc.returncode == 1
+    log = (tmp_path / "log" / "quiesce.log").read_text()
+    assert " WARNING quiesce.phases: check app (sqlite): failed in " in log
+    assert " WARNING quiesce.cli: check: not ready: app failed the check" in log
+    assert "WARNING" not in proc.stderr  # the report says it once, not the console again
