@@ -209,8 +209,29 @@ def freeze(obj: Context, as_json: bool) -> None:
         lock_fd = take_lock(runtime_dir)
     if runtime_dir and obj.config.runtime_dir != runtime_dir:
         raise QuiesceError(f"runtime_dir changed while loading {obj.config_path}")
-    report = start(obj.config, obj.adapters, lock_fd=lock_fd, started=started_at)
+    report = start(obj.config, obj.adapters, lock_fd=lock_fd, started=started_at,
+                   on_progress=None if as_json else progress_printer(len(obj.config.targets)))
     emit(report, as_json, started, fast_exit=True)
+
+
+def progress_printer(count: int):
+    """On a terminal, one line per target as each phase ends (a slow target shows which
+    phase it is in); None when stderr is not a terminal (scripts, the host's log)."""
+    if not sys.stderr.isatty():
+        return None
+    phases = iter(("check", "flush", "quiesce"))
+    click.echo(f"freezing {count} target(s): {next(phases)}...", err=True)
+
+    def show(outcomes: list[dict]) -> None:
+        for o in outcomes:
+            mark = "ok" if o["status"] == "ok" else o["status"].upper()
+            click.echo(f"  {o['phase']:<8} {o['target']} ({o['kind']}): {mark} in "
+                       f"{o['duration'] * 1000:.1f} ms", err=True)
+        if all(o["status"] == "ok" for o in outcomes):
+            following = next(phases, None)
+            if following:
+                click.echo(f"{following}...", err=True)
+    return show
 
 
 @cli.command()
