@@ -404,8 +404,10 @@ def doctor(obj: Context, host: str, root: str, as_json: bool) -> None:
         for f in findings:
             mark = "ok  " if f["ok"] and not f["warning"] else ("warn" if f["ok"] else "FAIL")
             click.echo(f"{mark}  {f['check']}: {f['message']}")
-        click.echo("the next backup would be application-consistent" if ok else
-                   "the next backup would NOT be application-consistent (see FAIL above)")
+        warned = any(f["warning"] for f in findings)
+        click.echo("the next backup would NOT be application-consistent (see FAIL above)"
+                   if not ok else "the next backup may not be application-consistent (see "
+                   "warn above)" if warned else "the next backup would be application-consistent")
     sys.stdout.flush()
     os._exit(0 if ok else 1)  # a target check that overran its limit must not hold us
 

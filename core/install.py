@@ -133,6 +133,21 @@ def finding(name: str, ok: bool, message: str, *, warning: bool = False) -> dict
     return {"check": name, "ok": ok, "warning": warning, "message": message}
 
 
+def _host_wait_findings(host: Host, config: Config) -> list[dict[str, Any]]:
+    """A warning when `freeze` may outlast the host's wait for the pre-script (Azure caps
+    it at 1800 s): the host would then snapshot before every target is held."""
+    waits = getattr(getattr(host, "plugin_config", None), "timeout", None)
+    budget = freeze_budget(config)
+    if not isinstance(waits, (int, float)) or budget <= waits:
+        return []
+    return [finding("the host waits for freeze", True, warning=True, message=(
+        f"freeze may take up to {budget:.0f} s (3 phases at 4 x timeout + 5 s each, then "
+        f"the holder's acknowledgement; "
+        f"timeout {max(t.timeout for t in config.targets):g} s), but the host waits only "
+        f"{waits:g} s for the pre-script and then snapshots without the databases held; "
+        f"lower the largest timeout"))]
+
+
 def doctor_checks(host: Host, installer: Installer, config: Config | None,
                   config_error: str | None, check_outcomes: list | None) -> list[dict[str, Any]]:
     """quiesce's own checks of an installation, beyond what the host validates."""
@@ -186,6 +201,7 @@ def doctor_checks(host: Host, installer: Installer, config: Config | None,
                                     message=f"max_hold is {config.max_hold:g} s; the host may keep "
                                             f"disks frozen up to 60 s after the pre-script, so the "
                                             f"watchdog could release before the post-script"))
+        findings += _host_wait_findings(host, config)
     for outcome in check_outcomes or ():
         findings.append(finding(f"target {outcome['target']} ({outcome['kind']}) check",
                                 outcome["status"] == "ok", outcome.get("error") or "ok"))

@@ -301,6 +301,21 @@ def test_doctor_passes_on_a_clean_install(tmpfs_setup):
     assert "0 Success" in proc.stdout
 
 
+def test_doctor_warns_when_freeze_may_outlast_the_hosts_capped_wait(tmpfs_setup):
+    """timeout = 200: the JSON's timeoutInSeconds is capped at 1800 s, freeze may take
+    3 x (4 x 200 + 5) s plus the holder's 30 s acknowledgement; doctor warns instead of promising an application-consistent one."""
+    config, root, log_dir = tmpfs_setup
+    config.write_text(config.read_text().replace("[targets.app]", "timeout = 200\n[targets.app]", 1))
+    assert install(config, root, log_dir).returncode == 0
+    assert json.loads((root / JSON_PATH.lstrip("/")).read_text())["timeoutInSeconds"] == 1800
+    proc, fails = _doctor(config, root)
+    assert fails == [], proc.stdout
+    assert "warn  the host waits for freeze: freeze may take up to 2445 s" in proc.stdout
+    assert "but the host waits only 1800 s" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == ("the next backup may not be application-consistent "
+                                            "(see warn above)")
+
+
 @pytest.mark.parametrize("value, conflict", [("mysql", True), ("postgres", True),
                                              ("", False), ("MySQL", False)])
 def test_workload_conf_is_detected_by_install_and_doctor(tmpfs_setup, value, conflict):
