@@ -315,7 +315,17 @@ def main() -> None:
 
 # -- snapshot hosts -----------------------------------------------------------------------
 
-host_argument = click.argument("host", default="azure", metavar="HOST")
+def _complete_host(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion: the bundled hosts and those of installed plugins."""
+    import importlib.metadata
+    from .hosts import DEFAULT_HOSTS, ENTRY_POINT_GROUP
+    names = set(DEFAULT_HOSTS) | {ep.name for ep in
+                                  importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(name for name in names if name.startswith(incomplete))
+
+
+host_argument = click.argument("host", default="azure", metavar="HOST",
+                               shell_complete=_complete_host)
 root_option = click.option("--root", default="/", show_default=True, metavar="DIR",
                            help="Treat DIR as / for the host's files (staging and tests).")
 
