@@ -108,9 +108,10 @@ def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False
     """
     import logging
     from .logs import IN_REPORT
-    level = logging.INFO if report.get("ok", True) else logging.WARNING
-    logging.getLogger("quiesce.cli").log(level, "%s: %s", report.get("action", "report"),
-                                         report.get("message", ""), extra=IN_REPORT)
+    if report.get("action") not in HOLDER_LOGGED:
+        level = logging.INFO if report.get("ok", True) else logging.WARNING
+        logging.getLogger("quiesce.cli").log(level, "%s: %s", report.get("action", "report"),
+                                             report.get("message", ""), extra=IN_REPORT)
     lean.emit(report, as_json=as_json, started=started)
     code = lean.report_exit_code(report)
     if fast_exit:
@@ -119,6 +120,10 @@ def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False
         os._exit(code)
     sys.exit(code)
 
+
+#: Results the holder logs itself ("quiesce …: ok", "released by thaw: …"). It writes its
+#: lines only after the release, so a line logged here would land before earlier ones.
+HOLDER_LOGGED = {"frozen", "thawed"}
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 

@@ -12,7 +12,7 @@ from quiesce import ConfigError, Target
 from quiesce.config import load, parse
 from quiesce.plugins import load_adapters
 
-from .helpers import QUIESCE, make_sqlite, run, write_config
+from .helpers import QUIESCE, make_sqlite, run, wait_until, write_config
 
 
 @pytest.fixture
@@ -211,3 +211,21 @@ def test_a_failed_phase_is_logged_as_a_warning_not_info(tmp_path):
     assert " WARNING quiesce.phases: check app (sqlite): failed in " in log
     assert " WARNING quiesce.cli: check: not ready: app failed the check" in log
     assert "WARNING" not in proc.stderr  # the report says it once, not the console again
+
+
+def test_a_cycles_log_lines_are_in_time_order(tmp_path):
+    """freeze, then thaw through the holder: the holder writes its lines after the
+    release, so the commands must not have written later ones before them."""
+    from datetime import datetime
+    config = write_config(tmp_path, {"app": {"kind": "sqlite",
+                                             "path": str(make_sqlite(tmp_path / "a.db"))}})
+    try:
+        assert run(config, "freeze").returncode == 0
+    finally:
+        assert run(config, "thaw").returncode == 0
+    log = tmp_path / "log" / "quiesce.log"
+    assert wait_until(lambda: "released by thaw" in log.read_text(), timeout=10)
+    lines = log.read_text().splitlines()
+    times = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in lines]
+    assert times == sorted(times), "\n".join(lines)
+    assert any("quiesce app (sqlite): ok" in line for line in lines)
