@@ -15,7 +15,7 @@ NEEDED_BINARIES := /usr/lib/postgresql/15/bin/postgres /usr/sbin/mariadbd \
                    /usr/sbin/mkfs.xfs /usr/sbin/mkfs.btrfs /usr/bin/fuser /usr/sbin/qemu-ga \
                    /usr/bin/prometheus-node-exporter /usr/sbin/logrotate /usr/bin/systemd-tmpfiles
 
-.PHONY: test demo bench deps venv clean
+.PHONY: test demo bench deps venv clean man
 
 venv: $(BIN)/.installed
 
@@ -41,6 +41,10 @@ demo: venv
 
 bench: deps venv
 	$(BIN)/python benchmarks/run.py
+
+# The man page, generated from the CLI's own help (a test fails when it is stale).
+man: venv
+	$(BIN)/python docs/manpage.py > docs/quiesce.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

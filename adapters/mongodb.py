@@ -53,6 +53,9 @@ ACQUISITION_TIMEOUT_SINCE = (7, 0, 2)
 UNAUTHORIZED = 13
 COMMAND_NOT_FOUND = 59
 APPNAME = "quiesce"
+#: Without uri or uri_file: where mongosh connects with no options (a stock mongod.conf
+#: binds 127.0.0.1:27017).
+DEFAULT_URI = "mongodb://127.0.0.1:27017/"
 
 
 # -- settings ------------------------------------------------------------------------
@@ -90,12 +93,12 @@ def _check_uri(target: Target, key: str, uri: str, *, inline: bool) -> None:
 def validate(target: Target) -> None:
     uri = target.option("uri", str, default=None)
     uri_file = target.private_file("uri_file", default=None)
-    if (uri is None) == (uri_file is None):
-        raise target.error("uri_file", "set exactly one of uri_file (a 0600 file holding the "
-                                       "URI, for URIs with a password) or uri")
+    if uri is not None and uri_file is not None:
+        raise target.error("uri_file", "set one of uri_file (a 0600 file holding the URI, for "
+                                       "URIs with a password) or uri, not both")
     if uri is not None:
         _check_uri(target, "uri", uri, inline=True)
-    else:
+    elif uri_file is not None:
         _check_uri(target, "uri_file", target.secret("uri_file"), inline=False)
     target.option("mode", str, default="journal", choices=MODES)
     target.option("allow_primary", bool, default=False)
@@ -111,7 +114,7 @@ def validate(target: Target) -> None:
 def _uri(target: Target) -> str:
     if target.settings.get("uri_file") is not None:
         return target.secret("uri_file")
-    return target.option("uri", str)
+    return target.option("uri", str, default=DEFAULT_URI)
 
 
 def _where(target: Target) -> str:

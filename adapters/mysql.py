@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from quiesce import Hold, HoldBroken, MissingDriverError, Target, TargetError, hookimpl
+from quiesce.adapters import mysql_options
 
 STRATEGIES = ("auto", "backup_stage", "instance_lock", "ftwrl")
 COORDINATES_NAME = "quiesce-coordinates.json"
@@ -446,6 +447,22 @@ def _msg(error: BaseException) -> str:
     return str(args[1]) if len(args) > 1 else str(error)
 
 
+def _client_defaults(s: Settings) -> dict[str, Any]:
+    """Connect where the `mysql` client would: its option files, and for localhost the
+    server's socket (PyMySQL alone takes TCP to localhost:3306, where root's socket
+    authentication does not apply)."""
+    found = mysql_options.read()
+    kw: dict[str, Any] = {key: found[key] for key in ("user", "password", "host")
+                          if key in found}
+    if found.get("port", "").isdigit():
+        kw["port"] = int(found["port"])
+    if (s.host or kw.get("host") or "localhost") == "localhost":
+        socket = found.get("socket") or mysql_options.default_socket()
+        if socket:
+            kw["unix_socket"] = socket
+    return kw
+
+
 def _connect(target: Target, s: Settings, *, read_timeout: float | None = None):
     """A new session (never a reconnect: PyMySQL's query() does not reconnect)."""
     pymysql = _driver()
@@ -455,16 +472,22 @@ def _connect(target: Target, s: Settings, *, read_timeout: float | None = None):
                               program_name="quiesce")
     if s.option_file:
         kw.update(read_default_file=s.option_file, read_default_group=s.option_group)
+    else:
+        kw.update(_client_defaults(s))
     for key in ("unix_socket", "host", "port", "user"):
         if getattr(s, key) is not None:
             kw[key] = getattr(s, key)
+    where = s.where if s.option_file or s.unix_socket or s.host \
+        else (f"socket {kw['unix_socket']}" if "unix_socket" in kw
+              else f"{kw.get('host', 'localhost')}:{kw.get('port', 3306)}")
     try:
         return pymysql.connect(**kw)
     except pymysql.err.MySQLError as e:
-        raise TargetError(f"cannot connect to {s.where}: {_msg(e)}; check the connection "
-                          f"settings and the credentials in the option file") from None
+        source = "the option file" if s.option_file else "the client's option files"
+        raise TargetError(f"cannot connect to {where}: {_msg(e)}; check the connection "
+                          f"settings and the credentials in {source}") from None
     except OSError as e:
-        raise TargetError(f"cannot connect to {s.where}: {e}") from None
+        raise TargetError(f"cannot connect to {where}: {e}") from None
     except Exception as e:  # configparser quotes the offending line: it may be a password
         raise TargetError(f"cannot read option_file {s.option_file}: not a valid MySQL option "
                           f"file ({type(e).__name__}); it needs a [{s.option_group}] section "

@@ -39,6 +39,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from quiesce import Hold, HoldBroken, MissingDriverError, Target, TargetError, hookimpl
 
 DEFAULT_URL = "redis://localhost:6379"
+#: The server's own config on Debian/Ubuntu and RHEL 9, then RHEL 8: where a stock install
+#: says whether it listens on a unix socket (`unixsocket`, commented out by default).
+SERVER_CONFIGS = ("/etc/redis/redis.conf", "/etc/redis.conf")
 MODES = ("pause", "flush-only")
 #: CLIENT PAUSE … WRITE appeared in Redis 6.2.
 PAUSE_WRITE_SINCE = (6, 2)
@@ -55,9 +58,28 @@ def _aof_rewrite(target: Target) -> bool:
     return target.option("aof_rewrite", bool, default=False)
 
 
+def default_url() -> str:
+    """Without a url: the server's socket when its config names one that exists, else
+    redis-cli's own default, TCP to localhost:6379."""
+    for path in SERVER_CONFIGS:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.split()
+            if len(words) == 2 and words[0].lower() == "unixsocket":
+                socket = words[1].strip('"')
+                if os.path.isabs(socket) and os.path.exists(socket):
+                    return f"unix://{socket}"
+        return DEFAULT_URL  # the first config found is the server's
+    return DEFAULT_URL
+
+
 def _parse_url(target: Target) -> dict[str, Any]:
     """Connection keyword arguments from ``url``; refuses credentials in the URL."""
-    url = target.option("url", str, default=DEFAULT_URL)
+    url = target.option("url", str, default=None) or default_url()
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -120,7 +142,7 @@ def _connect_kwargs(target: Target) -> dict[str, Any]:
 
 def _where(target: Target) -> str:
     """The URL for messages; it can hold no password (validate refuses that)."""
-    return target.settings.get("url", DEFAULT_URL)
+    return target.settings.get("url") or default_url()
 
 
 def _user(target: Target) -> str:

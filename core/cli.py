@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -65,20 +66,36 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ctx: Context = click.get_current_context().obj
+        as_json = kwargs.get("as_json", False)
         try:
             return fn(*args, **kwargs)
         except QuiesceError as e:
-            fail(ctx, str(e), e.exit_code)
+            fail(ctx, str(e), e.exit_code, as_json=as_json, error=e)
         except OSError as e:  # permissions, a missing directory: one line, not a traceback
             where = f": {e.filename}" if e.filename else ""
             hint = "; run quiesce as root" if isinstance(e, PermissionError) else ""
-            fail(ctx, f"{e.strerror or e}{where}{hint}", 1)
+            fail(ctx, f"{e.strerror or e}{where}{hint}", 1, as_json=as_json, error=e)
     return wrapper
 
 
-def fail(ctx: Context, message: str, code: int) -> None:
-    if ctx.verbose:
+def error_object(message: str, error: BaseException | None = None) -> dict:
+    """What --json prints for an error: its kind, and for a config error where it is."""
+    name = type(error).__name__ if error is not None else "UsageError"
+    kind = re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("Error") or name).lower()
+    key = getattr(error, "key", None) or None
+    target = None
+    if key and key.startswith("targets."):
+        target, _, key = key.removeprefix("targets.").partition(".")
+    return {"ok": False, "error": {"kind": kind, "file": getattr(error, "file", None),
+                                   "target": target, "key": key or None, "message": message}}
+
+
+def fail(ctx: Context | None, message: str, code: int, *, as_json: bool = False,
+         error: BaseException | None = None) -> None:
+    if ctx is not None and ctx.verbose:
         traceback.print_exc()
+    if as_json:
+        click.echo(json.dumps(error_object(message, error), indent=2))
     click.echo(f"quiesce: error: {message}", err=True)
     sys.exit(code)
 
@@ -91,8 +108,11 @@ def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False
     overran its limit, joining the abandoned thread could take forever.
     """
     import logging
-    logging.getLogger("quiesce.cli").info("%s: %s", report.get("action", "report"),
-                                          report.get("message", ""))
+    from .logs import IN_REPORT
+    if report.get("action") not in HOLDER_LOGGED:
+        level = logging.INFO if report.get("ok", True) else logging.WARNING
+        logging.getLogger("quiesce.cli").log(level, "%s: %s", report.get("action", "report"),
+                                             report.get("message", ""), extra=IN_REPORT)
     lean.emit(report, as_json=as_json, started=started)
     code = lean.report_exit_code(report)
     if fast_exit:
@@ -101,6 +121,10 @@ def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False
         os._exit(code)
     sys.exit(code)
 
+
+#: Results the holder logs itself ("quiesce …: ok", "released by thaw: …"). It writes its
+#: lines only after the release, so a line logged here would land before earlier ones.
+HOLDER_LOGGED = {"frozen", "thawed"}
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 
@@ -133,14 +157,16 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
 @click.pass_obj
 @command
 def adapters(obj: Context, as_json: bool) -> None:
-    """List the adapters: kind, distribution, version, hooks."""
+    """List the adapters: kind, origin, driver (installed or not), hooks."""
     infos = obj.adapters.info()
     if as_json:
         click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
         return
     for i in infos:
         origin = "bundled" if i.bundled else f"{i.distribution} {i.version}"
-        click.echo(f"{i.kind:<12} {origin:<24} {', '.join(i.hooks)}")
+        driver = "" if i.driver is None else (f"{i.driver} {i.driver_version}" if i.driver_version
+                                              else f"{i.driver} NOT INSTALLED")
+        click.echo(f"{i.kind:<12} {origin:<24} {driver:<26} {', '.join(i.hooks)}")
 
 
 @cli.command("example-config")
@@ -195,8 +221,29 @@ def freeze(obj: Context, as_json: bool) -> None:
                                        "started_at": started_at, "targets": []})
     if runtime_dir and obj.config.runtime_dir != runtime_dir:
         raise QuiesceError(f"runtime_dir changed while loading {obj.config_path}")
-    report = start(obj.config, obj.adapters, lock=lock, started=started_at)
+    report = start(obj.config, obj.adapters, lock=lock, started=started_at,
+                   on_progress=None if as_json else progress_printer(len(obj.config.targets)))
     emit(report, as_json, started, fast_exit=True)
+
+
+def progress_printer(count: int):
+    """On a terminal, one line per target as each phase ends (a slow target shows which
+    phase it is in); None when stderr is not a terminal (scripts, the host's log)."""
+    if not sys.stderr.isatty():
+        return None
+    phases = iter(("check", "flush", "quiesce"))
+    click.echo(f"freezing {count} target(s): {next(phases)}...", err=True)
+
+    def show(outcomes: list[dict]) -> None:
+        for o in outcomes:
+            mark = "ok" if o["status"] == "ok" else o["status"].upper()
+            click.echo(f"  {o['phase']:<8} {o['target']} ({o['kind']}): {mark} in "
+                       f"{o['duration'] * 1000:.1f} ms", err=True)
+        if all(o["status"] == "ok" for o in outcomes):
+            following = next(phases, None)
+            if following:
+                click.echo(f"{following}...", err=True)
+    return show
 
 
 @cli.command()
@@ -282,7 +329,17 @@ def status(obj: Context, as_json: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="quiesce")
+    try:
+        code = cli.main(prog_name="quiesce", standalone_mode=False)
+    except click.ClickException as e:  # usage errors: as JSON too when --json was asked for
+        if "--json" in sys.argv[1:]:
+            click.echo(json.dumps(error_object(e.format_message()), indent=2))
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code or 0)
 
 
 # -- snapshot hosts -----------------------------------------------------------------------
@@ -456,6 +513,15 @@ def _print_findings(findings: list[dict]) -> None:
         click.echo(f"{mark}  {f['check']}: {f['message']}")
 
 
+def _verdict(report: dict) -> str:
+    """doctor's last line: a FAIL says NOT, a warning says "may not"."""
+    if not report["ok"]:
+        return "would NOT be application-consistent (see FAIL above)"
+    if any(f["warning"] for f in report["findings"]):
+        return "may not be application-consistent (see warn above)"
+    return "would be application-consistent"
+
+
 @host_verb("doctor", [json_option], invoke_without_command=True)
 def doctor(obj: Context, host, as_json: bool) -> None:
     """Predict what the host will report for the next backup, and why.
@@ -470,8 +536,7 @@ def doctor(obj: Context, host, as_json: bool) -> None:
         click.echo(json.dumps({k: v for k, v in report.items() if k != "host"}, indent=2))
     else:
         _print_findings(report["findings"])
-        click.echo("the next backup would be application-consistent" if report["ok"] else
-                   "the next backup would NOT be application-consistent (see FAIL above)")
+        click.echo(f"the next backup {_verdict(report)}")
     sys.stdout.flush()
     os._exit(0 if report["ok"] else 1)  # a target check that overran its limit must not hold us
 
@@ -497,8 +562,7 @@ def _doctor_all(ctx: click.Context, root: str, as_json: bool) -> None:
     for r in [] if as_json else reports:
         click.echo(f"== {r['host']}")
         _print_findings(r["findings"])
-        click.echo(f"{r['host']}: the next backup would " + ("" if r["ok"] else "NOT ") +
-                   "be application-consistent")
+        click.echo(f"{r['host']}: the next backup {_verdict(r)}")
     sys.stdout.flush()
     os._exit(0 if ok else 1)
 
@@ -586,6 +650,10 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
     finally:
         report = release_all(obj)
     report["command_status"] = command_status
+    if command_status:  # the snapshot failed, whatever the holds did
+        report["ok"] = False
+        report["message"] = (f"{report.get('message', '')}; the snapshot command "
+                             f"{snapshot_command[0]} exited with status {command_status}")
     lean.emit(report, as_json=as_json, started=started)
     sys.exit(command_status or lean.report_exit_code(report))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -33,9 +34,34 @@ on_target_failure = "hold-others"   # or "release-all"; freeze exits 1 either wa
 # metrics_dir = "/var/lib/prometheus/node-exporter"  # write quiesce.prom there after each cycle
 # holder_scope = "systemd"     # run the holder in its own systemd scope (see docs/systemd.md)
 
+# One [targets.NAME] table per database. With only a kind, a server target connects
+# where the database's own client would (its socket, its option files); every key
+# and its default: docs/adapters/KIND.md. Uncomment what this machine runs.
+
 [targets.app]
 kind = "sqlite"
 path = "/var/lib/app/app.db"
+
+# [targets.main]
+# kind = "postgresql"
+# mode = "checkpoint"            # or "backup" (pg_backup_start; needs label_dir)
+# host = "/var/run/postgresql"   # libpq's: a socket directory or a host name
+# user = "postgres"              # a password comes from passfile = "/etc/quiesce/pgpass"
+
+# [targets.shop]
+# kind = "mysql"                 # MySQL or MariaDB; reads the client's option files
+# user = "root"                  # socket authentication as root needs no password
+# strategy = "auto"              # or "backup_stage", "instance_lock", "ftwrl"
+
+# [targets.orders]
+# kind = "mongodb"
+# uri = "mongodb://127.0.0.1:27017"   # a URI with a password goes in uri_file (chmod 600)
+# mode = "journal"               # or "lock" (fsyncLock; a secondary)
+
+# [targets.cache]
+# kind = "redis"
+# url = "redis://127.0.0.1:6379"  # or unix:///run/redis/redis-server.sock
+# mode = "pause"                 # or "flush-only"; a password goes in password_file
 """
 
 
@@ -138,8 +164,8 @@ def parse(path: str, text: str) -> Config:
     _refuse_nul(path, data)
     unknown = sorted(set(data) - _GLOBAL_KEYS)
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r}; known keys: "
-                          f"{', '.join(sorted(_GLOBAL_KEYS))}", file=path, key=unknown[0])
+        raise ConfigError(unknown_key_message(unknown[0], _GLOBAL_KEYS), file=path,
+                          key=unknown[0])
     max_hold = _number(data, "max_hold", DEFAULT_MAX_HOLD, path)
     timeout = _number(data, "timeout", DEFAULT_TIMEOUT, path)
     runtime_dir = _string(data, "runtime_dir", DEFAULT_RUNTIME_DIR, path)
@@ -189,6 +215,13 @@ def validate_targets(config: Config, adapters: Adapters) -> None:
         try:
             adapters.call("validate", target)
         except QuiesceError:
+            # A misspelt key is the likelier cause of "missing required key 'path'".
+            typo = next((key for key in target.unknown_keys()
+                         if difflib.get_close_matches(key, sorted(target.known_keys()), n=1)),
+                        None)
+            if typo:
+                raise target.error(typo, unknown_key_message(
+                    typo, target.known_keys(), kind=target.kind)) from None
             raise
         except Exception as e:  # an adapter bug must still name the target
             raise ConfigError(f"adapter {target.kind!r} could not validate it: "
@@ -196,14 +229,31 @@ def validate_targets(config: Config, adapters: Adapters) -> None:
                               key=f"targets.{target.name}") from e
         unknown = target.unknown_keys()
         if unknown:
-            raise target.error(unknown[0], f"unknown key {unknown[0]!r} for kind "
-                                           f"{target.kind!r}")
+            raise target.error(unknown[0], unknown_key_message(
+                unknown[0], target.known_keys() | {"kind", "timeout"}, kind=target.kind))
+
+
+def unknown_key_message(key: str, known: set[str], *, kind: str | None = None) -> str:
+    """"unknown key 'paht' for kind 'sqlite'; did you mean `path`?" (or the known keys)."""
+    for_kind = f" for kind {kind!r}" if kind else ""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    if close:
+        return f"unknown key {key!r}{for_kind}; did you mean `{close[0]}`?"
+    return f"unknown key {key!r}{for_kind}; known keys: {', '.join(sorted(known))}"
 
 
 def load(path: str, adapters: Adapters) -> Config:
     """Read, check permissions, parse and validate the config at *path*."""
+    if not os.path.lexists(path):
+        raise ConfigError(f"the config file does not exist; create one with: quiesce "
+                          f"example-config > {path} && chmod 600 {path}", file=path)
     check_private_file(path, what="config file")
-    with open(path, "rb") as f:
-        config = parse(path, decode(path, f.read()))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except PermissionError:  # a root-owned 0600 file read by another user: a config error
+        raise ConfigError(f"cannot read the config file: permission denied (run quiesce "
+                          f"as root or as the file's owner)", file=path) from None
+    config = parse(path, decode(path, raw))
     validate_targets(config, adapters)
     return config

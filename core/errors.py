@@ -15,6 +15,9 @@ a failed outcome for that target and never lets it reach another target.
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class QuiesceError(Exception):
     """Base class: ``str(error)`` is a complete message for the operator."""
@@ -63,10 +66,12 @@ class HoldBroken(TargetError):
 
 
 class MissingDriverError(TargetError):
-    """A driver is missing; the message names the extra that installs it."""
+    """A driver is missing; the message names the extra, and the pip of the environment
+    quiesce runs in (a bare `pip` is usually another Python's)."""
 
     def __init__(self, module: str, extra: str):
+        pip = os.path.join(os.path.dirname(sys.executable), "pip")
         super().__init__(
             f"the Python module {module!r} is not installed; "
-            f"install it with: pip install 'quiesce[{extra}]'"
+            f"install it with: {pip} install 'quiesce[{extra}]'"
         )

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from . import logs, publish, scope
+from .logs import IN_REPORT
 from .config import Config
 from .errors import BusyError, ConfigError
 from .phases import Outcome, hard_limit, run_phase
@@ -347,7 +348,8 @@ class Holder:
             self.released.set()
             if by == "freeze-failed":
                 self.answered.set()  # freeze itself reports it
-            log.info("released by %s: %s", by, message)
+            log.log(logging.INFO if ok else logging.WARNING, "released by %s: %s", by, message,
+                    extra=IN_REPORT)
             return self.report
 
     def _thaw_in_reverse(self, reason: str | None) -> list[Outcome]:

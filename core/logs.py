@@ -16,6 +16,9 @@ from typing import Callable
 
 FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 _LOGGER = "quiesce"
+#: ``extra=`` for a record whose content the command's report prints: the log file gets
+#: it at its level, the console leaves it to the report.
+IN_REPORT = {"in_report": True}
 
 
 def _file_handler(log_file: str) -> logging.Handler | None:
@@ -45,6 +48,7 @@ def _console(verbose: bool) -> logging.Handler:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("quiesce: %(levelname)s: %(message)s"))
+    console.addFilter(lambda record: not getattr(record, "in_report", False))
     return console
 
 
@@ -71,6 +75,8 @@ def buffer_until_released(log_file: str | None, *, verbose: bool = False,
     def write_out() -> None:
         if memory.target is None and log_file:
             memory.setTarget(_file_handler(log_file))
+        with memory.lock:  # threads log concurrently: write in the order things happened
+            memory.buffer.sort(key=lambda record: record.created)
         memory.flush()
         if memory.target is not None:
             memory.target.flush()

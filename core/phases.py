@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .errors import HoldBroken, QuiesceError
+from .logs import IN_REPORT
 from .plugins import Adapters
 from .target import Hold, Target
 
@@ -84,9 +85,12 @@ def call(adapters: Adapters, hook: str, target: Target, *,
     outcome = Outcome(target.name, target.kind, hook, status, duration, facts or None, error)
     if judge is not None:
         judge(outcome)
-    error = outcome.error
-    log.info("%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, outcome.status,
-             duration * 1000, f": {error}" if error else "")
+    status, error = outcome.status, outcome.error
+    # A failure is a warning, a broken hold an error; the command's report already prints
+    # them, so the console leaves them to it (logs.IN_REPORT).
+    level = {"ok": logging.INFO, "failed": logging.WARNING}.get(status, logging.ERROR)
+    log.log(level, "%s %s (%s): %s in %.1f ms%s", hook, target.name, target.kind, status,
+            duration * 1000, f": {error}" if error else "", extra=IN_REPORT)
     return outcome, result
 
 

@@ -26,6 +26,14 @@ DEFAULT_ADAPTERS = {
     "mongodb": "quiesce.adapters.mongodb",
     "redis": "quiesce.adapters.redis",
 }
+#: Each bundled kind's driver: (import name, distribution); SQLite's is in the stdlib.
+DRIVERS = {
+    "sqlite": ("sqlite3", None),
+    "postgresql": ("psycopg", "psycopg"),
+    "mysql": ("pymysql", "PyMySQL"),
+    "mongodb": ("pymongo", "pymongo"),
+    "redis": ("redis", "redis"),
+}
 HOOKS = ("validate", "check", "flush", "quiesce", "thaw")
 #: Set to 1 to load no third-party adapter at all.
 ENV_DISABLE_EXTERNAL = "QUIESCE_DISABLE_EXTERNAL_ADAPTERS"
@@ -42,10 +50,33 @@ class AdapterInfo:
     version: str
     hooks: tuple[str, ...]
     bundled: bool
+    #: The database driver's import name, and its version when importable (else None).
+    driver: str | None = None
+    driver_version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "distribution": self.distribution, "version": self.version,
-                "hooks": list(self.hooks), "bundled": self.bundled}
+                "hooks": list(self.hooks), "bundled": self.bundled, "driver": self.driver,
+                # None: quiesce does not know a third-party adapter's driver
+                "driver_installed": None if self.driver is None else self.driver_version is not None,
+                "driver_version": self.driver_version}
+
+
+def driver_version(kind: str) -> tuple[str | None, str | None]:
+    """(import name, version) of a bundled kind's driver; version None when not importable.
+
+    Imported for real: only that proves it works (a broken or shadowed install does not)."""
+    if kind not in DRIVERS:
+        return None, None
+    module, dist = DRIVERS[kind]
+    if dist is None:
+        import sqlite3
+        return module, f"SQLite {sqlite3.sqlite_version}"
+    try:
+        importlib.import_module(module)
+        return module, importlib.metadata.version(dist)
+    except Exception:  # any failure to import means the hooks will fail the same way
+        return module, None
 
 
 class Adapters:
@@ -66,9 +97,10 @@ class Adapters:
             plugin = self.pm.get_plugin(kind)
             hooks = tuple(h.name for h in self.pm.get_hookcallers(plugin) or ())
             dist, version = self._origins[kind]
-            infos.append(AdapterInfo(kind, dist, version,
-                                     tuple(h for h in HOOKS if h in hooks),
-                                     kind in DEFAULT_ADAPTERS and dist == "quiesce"))
+            bundled = kind in DEFAULT_ADAPTERS and dist == "quiesce"
+            driver, driver_ver = driver_version(kind) if bundled else (None, None)
+            infos.append(AdapterInfo(kind, dist, version, tuple(h for h in HOOKS if h in hooks),
+                                     bundled, driver, driver_ver))
         return infos
 
     def call(self, hook: str, target: Target, **kwargs: Any) -> Any:

@@ -95,7 +95,8 @@ class Target:
             if not os.path.isabs(path):  # never echo it: it may be the secret itself
                 raise self.error(key, "must be the absolute path of a file that holds the "
                                       "secret, not the secret itself")
-            check_private_file(path, what=f"{key} file", config_file=self.config_file,
+            what = key if key.endswith("_file") else f"{key} file"  # not "password_file file"
+            check_private_file(path, what=what, config_file=self.config_file,
                                key=self.key(key))
         return path
 
@@ -109,6 +110,10 @@ class Target:
 
     def unknown_keys(self) -> list[str]:
         return sorted(set(self.settings) - self._read)
+
+    def known_keys(self) -> set[str]:
+        """The keys the adapter asked for (present or not), for "did you mean" hints."""
+        return set(self._read)
 
 
 @dataclass

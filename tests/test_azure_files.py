@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from datetime import datetime
 import shlex
 import stat
 import subprocess
@@ -24,6 +26,8 @@ import quiesce.thaw
 from .azurekit import JSON_PATH, POST_PATH, PRE_PATH, WORKLOAD_CONF_PATH, install, under
 from .helpers import QUIESCE, make_sqlite, run, sqlite_writable, write_config
 
+#: 2026-12-04T15:37:09.123+00:00 and a space: ISO 8601 with milliseconds and the offset.
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d ")
 EXPECTED = Path(__file__).parent / "expected" / "azure"
 FILES = {JSON_PATH: 0o600, PRE_PATH: 0o700, POST_PATH: 0o700}
 JSON_TYPES = {
@@ -185,6 +189,14 @@ def test_scripts_run_as_the_host_runs_them_and_print_nothing(setup, tmp_path):
     assert "holding 1 target(s)" in (log_dir / "azure-pre-script.log").read_text()
     assert "released 1 target(s)" in (log_dir / "azure-post-script.log").read_text()
     assert list(elsewhere.iterdir()) == [], "the scripts wrote into the host's cwd"
+    # Every line of both logs, the report's detail lines too, starts with its time.
+    for name in ("azure-pre-script.log", "azure-post-script.log"):
+        lines = (log_dir / name).read_text().splitlines()
+        assert len(lines) >= 2, lines  # the summary and one line per target
+        for line in lines:
+            assert ISO_MS.match(line), f"{name}: {line!r}"
+            stamp = datetime.fromisoformat(line.split(" ", 1)[0])
+            assert abs(stamp.timestamp() - time.time()) < 600, line  # now, with its offset
 
 
 # ------------------------------------------------------------------ install, again and --force
@@ -291,6 +303,21 @@ def test_doctor_passes_on_a_clean_install(tmpfs_setup):
     assert "0 Success" in proc.stdout
 
 
+def test_doctor_warns_when_freeze_may_outlast_the_hosts_capped_wait(tmpfs_setup):
+    """timeout = 200: the JSON's timeoutInSeconds is capped at 1800 s, freeze may take
+    3 x (4 x 200 + 5) s plus the holder's 30 s acknowledgement; doctor warns instead of promising an application-consistent one."""
+    config, root, log_dir = tmpfs_setup
+    config.write_text(config.read_text().replace("[targets.app]", "timeout = 200\n[targets.app]", 1))
+    assert install(config, root, log_dir).returncode == 0
+    assert json.loads((root / JSON_PATH.lstrip("/")).read_text())["timeoutInSeconds"] == 1800
+    proc, fails = _doctor(config, root)
+    assert fails == [], proc.stdout
+    assert "warn  the host waits for freeze: freeze may take up to 2445 s" in proc.stdout
+    assert "but the host waits only 1800 s" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == ("the next backup may not be application-consistent "
+                                            "(see warn above)")
+
+
 @pytest.mark.parametrize("value, conflict", [("mysql", True), ("postgres", True),
                                              ("", False), ("MySQL", False)])
 def test_workload_conf_is_detected_by_install_and_doctor(tmpfs_setup, value, conflict):
@@ -336,4 +363,4 @@ def test_relative_log_dir_is_made_absolute(setup, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for host_path in (PRE_PATH, POST_PATH):
-        assert f">>{tmp_path}/log/azure-" in under(root, host_path).read_text(), host_path
+        assert f" {tmp_path}/log/azure-" in under(root, host_path).read_text(), host_path

@@ -71,3 +71,36 @@ def test_all_is_exported_and_sorted(module):
     assert missing == [], f"{module.__name__}.__all__ names what it does not export"
     assert module.__all__ == sorted(module.__all__), f"{module.__name__}.__all__ is not sorted"
     assert len(set(module.__all__)) == len(module.__all__)
+
+
+def test_the_man_page_is_generated_from_the_current_cli():
+    import runpy
+    page = runpy.run_path(str(ROOT / "docs" / "manpage.py"))["page"]()
+    assert (ROOT / "docs" / "quiesce.1").read_text() == page, "run `make man`"
+    for name in ("freeze", "thaw", "example-config", "restore-prepare"):
+        assert f".SS {name.replace('-', chr(92) + '-')}\n" in page
+
+
+def test_shell_completion_completes_commands_and_host_names():
+    import os
+    import subprocess
+    from .helpers import QUIESCE
+    env = {**os.environ, "_QUIESCE_COMPLETE": "bash_complete"}
+
+    def complete(words: str) -> list[str]:
+        out = subprocess.run(QUIESCE, env={**env, "COMP_WORDS": words,
+                                           "COMP_CWORD": str(len(words.split()) - 1)},
+                             capture_output=True, text=True, timeout=30).stdout
+        return [line.split(",", 1)[1] for line in out.splitlines() if line]
+
+    assert complete("quiesce doc") == ["doctor"]
+    assert complete("quiesce install az") == ["azure"]
+    assert complete("quiesce install nothing-like-it") == []
+
+
+def test_the_testing_extra_installs_what_quiesce_testing_imports():
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(req.startswith("pytest") for req in extras["testing"])
+    assert "quiesce[testing]" in AUTHOR_DOCS.read_text()

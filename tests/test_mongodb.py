@@ -80,16 +80,25 @@ def test_validate_refuses_passwords_in_config_and_ambiguous_servers(adapters, tm
     assert "s3cret" not in invalid(uri="mongodb://snap:s3cret@127.0.0.1:27017/")
     assert "exactly one host" in invalid(uri="mongodb://a:1,b:2/?replicaSet=rs0")
     assert "per server" in invalid(uri="mongodb+srv://cluster.example.net/")
-    assert "exactly one of" in invalid()
     assert "'lock'" in invalid(uri="mongodb://127.0.0.1:1/", mode="fsync")
     loose = tmp_path / "uri"
     loose.write_text("mongodb://snap:s3cret@127.0.0.1:27017/\n")
     loose.chmod(0o644)
     assert "chmod 600" in invalid(uri_file=str(loose))
     loose.chmod(0o600)
+    assert "not both" in invalid(uri="mongodb://127.0.0.1:1/", uri_file=str(loose))
     t = quiesce.Target(name="t", kind="mongodb", settings={"uri_file": str(loose), "typo": 1})
     adapters.call("validate", t)
     assert t.unknown_keys() == ["typo"]
+
+
+def test_a_target_with_only_a_kind_connects_where_mongosh_would(adapters):
+    """mongosh with no options: 127.0.0.1:27017, where a stock mongod.conf binds."""
+    from quiesce.adapters import mongodb
+    t = quiesce.Target(name="t", kind="mongodb", settings={}, timeout=1)
+    adapters.call("validate", t)
+    assert mongodb._uri(t) == "mongodb://127.0.0.1:27017/"
+    assert "127.0.0.1:27017" in mongodb._where(t)
 
 
 # -- check -----------------------------------------------------------------------------

@@ -243,6 +243,73 @@ def test_hold_blocks_writers_until_thaw_and_records_coordinates(adapters, db, tm
     assert adapters.call("thaw", target, hold=hold) is None  # idempotent
 
 
+def client_files(tmp_path, monkeypatch, socket: str) -> None:
+    """Default option files as a stock install lays them out, under tmp_path: the test
+    never reads this machine's /etc/mysql or its compiled-in socket paths."""
+    etc = tmp_path / "etc"
+    (etc / "conf.d").mkdir(parents=True)
+    (etc / "my.cnf").write_text(f"[mysqld]\nsocket = /nonexistent/server-only.sock\n"
+                                f"!includedir {etc}/conf.d/\n")
+    (etc / "conf.d" / "50-client.cnf").write_text(
+        f"# as Debian's mariadb.conf.d/50-client.cnf\n[client-server]\nsocket = {socket}\n")
+    (etc / "conf.d" / "README").write_text("[client]\nsocket = /nonexistent/not-a-cnf\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".my.cnf").write_text("[client]\nloose-user = root   # socket authentication\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(my.mysql_options, "DEFAULT_FILES", (str(etc / "my.cnf"), "~/.my.cnf"))
+    monkeypatch.setattr(my.mysql_options, "DEFAULT_SOCKETS", ())
+
+
+def test_a_target_with_only_a_kind_connects_like_the_mysql_client(adapters, db, tmp_path,
+                                                                   monkeypatch):
+    """root on the server's socket with unix_socket authentication, found through the
+    client's option files (!includedir, [client-server], ~/.my.cnf): no setting at all."""
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("unix_socket authentication as root needs root")
+    client_files(tmp_path, monkeypatch, str(db.socket))
+    target = quiesce.Target(name="main", kind="mysql", settings={}, timeout=5.0, max_hold=30.0)
+    facts, hold = freeze(adapters, target)
+    try:
+        assert facts["account"].startswith("root@localhost"), facts
+        assert Writer(db, "qmy.t").blocked(), "a writer got through during the hold"
+    finally:
+        adapters.call("thaw", target, hold=hold)
+
+
+def test_without_option_files_or_a_socket_it_is_tcp_to_localhost_as_pymysql(adapters, db, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(my.mysql_options, "DEFAULT_FILES", ())
+    monkeypatch.setattr(my.mysql_options, "DEFAULT_SOCKETS", (str(db.socket),))
+    # The compiled-in default is used when no file names a socket ...
+    assert my._client_defaults(my._settings(quiesce.Target("m", "mysql", {}))) == {
+        "unix_socket": str(db.socket)}
+    # ... never for another host, and a target's own setting wins.
+    t = quiesce.Target("m", "mysql", {"host": "127.0.0.1", "port": db.port})
+    assert my._client_defaults(my._settings(t)) == {}
+    monkeypatch.setattr(my.mysql_options, "DEFAULT_SOCKETS", ())
+    with pytest.raises(TargetError, match="cannot connect to localhost:1: "):
+        adapters.call("check", quiesce.Target("m", "mysql", {"port": 1}, timeout=2.0))
+
+
+def test_option_files_are_read_with_the_clients_rules(tmp_path):
+    from quiesce.adapters import mysql_options
+    inc = tmp_path / "inc.cnf"
+    inc.write_text("[client]\nport = 3307\n")
+    main = tmp_path / "my.cnf"
+    main.write_text(f"; comment\n[mysql]\nuser = not-this-group\n[client]\nuser = first\n"
+                    f"password = \"p#ss \\\"w\\\\d\"\nsocket=/s.sock # trailing comment\n"
+                    f"!include {inc}\n[mysqld]\nport = 1\n")
+    later = tmp_path / "later.cnf"
+    later.write_text("[CLIENT-MARIADB]\nuser = second\nunknown_key = x\n")
+    loose = tmp_path / "loose.cnf"
+    loose.write_text("[client]\nhost = from-a-world-writable-file\n")
+    loose.chmod(0o666)
+    found = mysql_options.read((str(main), str(tmp_path / "missing.cnf"), str(later), str(loose)))
+    assert found == {"user": "second", "password": 'p#ss "w\\d', "socket": "/s.sock",
+                     "port": "3307"}
+
+
 def test_check_reports_server_and_account(adapters, db, tmp_path):
     target = target_for(db, tmp_path)
     adapters.call("validate", target)

@@ -1,6 +1,8 @@
 """The plugin manager: bundled adapters, isolated third-party loading, conflicts."""
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -33,7 +35,9 @@ def test_third_party_adapter_is_listed_with_distribution_and_version():
     listed = {a["kind"]: a for a in json.loads(proc.stdout)}
     assert listed["recorder"] == {"kind": "recorder", "distribution": "quiesce-fake",
                                   "version": "1.0", "bundled": False,
-                                  "hooks": ["validate", "check", "flush", "quiesce", "thaw"]}
+                                  "hooks": ["validate", "check", "flush", "quiesce", "thaw"],
+                                  "driver": None, "driver_installed": None,
+                                  "driver_version": None}
     assert listed["sqlite"]["bundled"] is True
 
 
@@ -93,5 +97,20 @@ def test_a_missing_driver_is_one_line_naming_the_extra(tmp_path):
     assert proc.returncode == 1
     [outcome] = proc.report["outcomes"]
     assert outcome["status"] == "failed"
+    # The pip of the environment quiesce runs in, not whichever pip is first on PATH.
+    pip = os.path.join(os.path.dirname(sys.executable), "pip")
     assert outcome["error"] == ("the Python module 'psycopg' is not installed; "
-                                "install it with: pip install 'quiesce[postgresql]'")
+                                f"install it with: {pip} install 'quiesce[postgresql]'")
+
+
+def test_adapters_shows_whether_each_driver_is_importable_and_its_version():
+    proc = run(None, "adapters", "--json", fakes=("nodrivers",), check_json=True)
+    drivers = {a["kind"]: (a["driver"], a["driver_installed"], a["driver_version"])
+               for a in proc.report}
+    assert drivers["postgresql"] == ("psycopg", False, None)  # shadowed by the fake
+    assert drivers["mysql"][:2] == ("pymysql", True)
+    import pymysql
+    assert drivers["mysql"][2] == pymysql.__version__ or drivers["mysql"][2].startswith("1.")
+    text = run(None, "adapters", fakes=("nodrivers",)).stdout
+    assert "psycopg NOT INSTALLED" in text
+    assert "pymysql " + drivers["mysql"][2] in text

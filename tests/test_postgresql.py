@@ -586,3 +586,16 @@ def test_freeze_and_thaw_through_the_cli(pg15, tmp_path):
     assert wait_until(lambda: quiesce_sessions(pg15) == [], 5)
     assert len(list(labels.glob("db-*.backup_label"))) == 1
     assert proc.report["outcomes"][0]["facts"]["stop_lsn"]
+
+
+def test_a_target_with_only_a_kind_connects_where_psql_would(adapters, pg, monkeypatch):
+    """No keys: libpq's own defaults and PG* variables, as psql takes them (its socket
+    directory through PGHOST, here the test server's)."""
+    monkeypatch.setenv("PGHOST", str(pg.socket_dir))
+    monkeypatch.setenv("PGPORT", str(pg.port))
+    monkeypatch.setenv("PGUSER", pg.superuser)
+    monkeypatch.setenv("PGDATABASE", "postgres")
+    target = validated(adapters, quiesce.Target(name="main", kind="postgresql", settings={},
+                                                timeout=5, max_hold=30))
+    facts = adapters.call("check", target)
+    assert facts, "check returned nothing"

@@ -500,3 +500,24 @@ def test_cli_freeze_holds_across_holder_death_and_thaw_releases(make_redis, tmp_
         assert wait_until(lambda: writable(server), timeout=5)
     finally:
         run(config, "thaw")
+
+
+def test_a_target_with_only_a_kind_uses_the_socket_the_servers_config_names(
+        adapters, make_redis, tmp_path, monkeypatch):
+    """Debian's redis.conf with `unixsocket` uncommented: quiesce connects through it."""
+    from quiesce.adapters import redis as adapter
+    server = make_redis(persistence="rdb")
+    conf = tmp_path / "redis.conf"
+    conf.write_text(f"# unixsocket /run/redis/redis-server.sock\nport 0\n"
+                    f"unixsocket {server.socket}\nunixsocketperm 700\n")
+    monkeypatch.setattr(adapter, "SERVER_CONFIGS", (str(tmp_path / "absent.conf"), str(conf)))
+    target = quiesce.Target(name="cache", kind="redis", settings={}, timeout=5, max_hold=30)
+    _, _, hold = freeze(adapters, target)
+    try:
+        assert not writable(server)
+    finally:
+        adapters.call("thaw", target, hold=hold)
+    assert writable(server)
+    # With the socket commented out (the stock file), it is redis-cli's default.
+    conf.write_text("# unixsocket /run/redis/redis-server.sock\nport 6379\n")
+    assert adapter.default_url() == adapter.DEFAULT_URL

@@ -143,5 +143,6 @@ def test_template_renamed_by_its_checklist_installs_and_passes_its_tests(tmp_pat
     assert listed.returncode == 0, listed.stderr
     [widget] = [a for a in json.loads(listed.stdout) if a["kind"] == "widget"]
     assert widget == {"kind": "widget", "distribution": "quiesce-widget", "version": "0.1.0",
-                      "bundled": False, "hooks": ["validate", "check", "flush", "quiesce", "thaw"]}
+                      "bundled": False, "hooks": ["validate", "check", "flush", "quiesce", "thaw"],
+                      "driver": None, "driver_installed": None, "driver_version": None}
     assert not any(a["kind"] == "example" for a in json.loads(listed.stdout))

@@ -192,12 +192,25 @@ class AzureHost(Host):
                   "# The host runs `sh <this file>` as root, ignores the shebang, never reads\n"
                   "# our output, and does not kill us at its timeout.\n"
                   ).format(config=settings.config)
+        # Every line of a script's log starts with the time its message came (ISO 8601,
+        # milliseconds; GNU date), so a multi-line report keeps the prefix on each line.
+        log_fn = ("log() {\n"
+                  "  [ -n \"$1\" ] || return 0\n"
+                  "  now=$(date +%Y-%m-%dT%H:%M:%S.%3N%:z)\n"
+                  "  printf '%s\\n' \"$1\" | while IFS= read -r line; do\n"
+                  "    printf '%s %s\\n' \"$now\" \"$line\"\n"
+                  "  done >>\"$2\"\n"
+                  "}\n")
         pre = (f"#!/bin/sh\n{header}"
                "# Quiesce every target; a detached holder keeps them quiesced until the\n"
                "# post-script (or its watchdog, after max_hold) releases them.\n"
                "umask 077\n"
-               f"exec </dev/null >>{q(settings.log_dir + '/azure-pre-script.log')} 2>&1\n"
-               f"exec {q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze\n")
+               f"{log_fn}"
+               f"report=$({q(settings.python)} -B -P -m quiesce --config {q(settings.config)} "
+               "freeze </dev/null 2>&1)\n"
+               "status=$?\n"
+               f"log \"$report\" {q(settings.log_dir + '/azure-pre-script.log')}\n"
+               "exit $status\n")
         fifo = q(f"{settings.runtime_dir}/{FIFO_NAME}")
         post = (f"#!/bin/sh\n{header}"
                 "# Release every target. The shell's printf tells the holder at once (the FIFO\n"
@@ -209,7 +222,8 @@ class AzureHost(Host):
                 f"report=$({q(settings.python)} -I -S -B {q(settings.thaw_script)} "
                 f"--config {q(settings.config)} </dev/null 2>&1)\n"
                 "status=$?\n"
-                f"printf '%s\\n' \"$report\" >>{q(settings.log_dir + '/azure-post-script.log')}\n"
+                f"{log_fn}"
+                f"log \"$report\" {q(settings.log_dir + '/azure-post-script.log')}\n"
                 "exit $status\n")
         return [HostFile(CONFIG_JSON, json.dumps(config, indent=2) + "\n", 0o600),
                 HostFile(PRE_SCRIPT, pre, 0o700, shell=True),
@@ -222,12 +236,30 @@ class AzureHost(Host):
 
     def host_checks(self, context: DoctorContext) -> list[Finding]:
         config = context.config
-        if config is None or config.max_hold >= 90:
+        if config is None:
             return []
-        return [Finding("max_hold covers the host's freeze", True, warning=True,
-                        message=f"max_hold is {config.max_hold:g} s; the host may keep disks "
-                                f"frozen up to {SAFEFREEZE_SECONDS} s after the pre-script, so "
-                                f"the watchdog could release before the post-script")]
+        findings = []
+        if config.max_hold < 90:
+            findings.append(Finding(
+                "max_hold covers the host's freeze", True, warning=True,
+                message=f"max_hold is {config.max_hold:g} s; the host may keep disks frozen up "
+                        f"to {SAFEFREEZE_SECONDS} s after the pre-script, so the watchdog could "
+                        f"release before the post-script"))
+        return findings + self._wait_findings(config)
+
+    def _wait_findings(self, config) -> list[Finding]:
+        """A warning when `freeze` may outlast the host's wait for the pre-script (the JSON's
+        timeout is capped at 1800 s): the host would snapshot before every target is held."""
+        from ..holder import freeze_budget
+        waits = self.plugin_config.timeout if self.plugin_config else None
+        budget = freeze_budget(config)
+        if not isinstance(waits, (int, float)) or budget <= waits:
+            return []
+        return [Finding("the host waits for freeze", True, warning=True, message=(
+            f"freeze may take up to {budget:.0f} s (3 phases at 4 x timeout + 5 s each, then "
+            f"the holder's acknowledgement; timeout {max(t.timeout for t in config.targets):g} "
+            f"s), but the host waits only {waits:g} s for the pre-script and then snapshots "
+            f"without the databases held; lower the largest timeout"))]
 
     def validate(self, extension_dir: str | None = None) -> Verdict:
         """The host's checks in its order: plugin host conf, plugin JSON, then the scripts."""

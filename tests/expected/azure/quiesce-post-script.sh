@@ -11,5 +11,12 @@ umask 077
 [ -p @TMP@/run/thaw.fifo ] && printf 'thaw\n' 1<>@TMP@/run/thaw.fifo
 report=$(@PYTHON@ -I -S -B @THAW@ --config @TMP@/quiesce.toml </dev/null 2>&1)
 status=$?
-printf '%s\n' "$report" >>@TMP@/log/azure-post-script.log
+log() {
+  [ -n "$1" ] || return 0
+  now=$(date +%Y-%m-%dT%H:%M:%S.%3N%:z)
+  printf '%s\n' "$1" | while IFS= read -r line; do
+    printf '%s %s\n' "$now" "$line"
+  done >>"$2"
+}
+log "$report" @TMP@/log/azure-post-script.log
 exit $status

@@ -6,5 +6,14 @@
 # Quiesce every target; a detached holder keeps them quiesced until the
 # post-script (or its watchdog, after max_hold) releases them.
 umask 077
-exec </dev/null >>@TMP@/log/azure-pre-script.log 2>&1
-exec @PYTHON@ -B -P -m quiesce --config @TMP@/quiesce.toml freeze
+log() {
+  [ -n "$1" ] || return 0
+  now=$(date +%Y-%m-%dT%H:%M:%S.%3N%:z)
+  printf '%s\n' "$1" | while IFS= read -r line; do
+    printf '%s %s\n' "$now" "$line"
+  done >>"$2"
+}
+report=$(@PYTHON@ -B -P -m quiesce --config @TMP@/quiesce.toml freeze </dev/null 2>&1)
+status=$?
+log "$report" @TMP@/log/azure-pre-script.log
+exit $status
