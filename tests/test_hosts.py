@@ -104,7 +104,8 @@ def test_fake_third_party_host_installs_doctors_and_rehearses(tmp_path, loopfs, 
         st = (root / "opt/fake" / name).stat()
         assert stat.S_IMODE(st.st_mode) == 0o700
     manifest = json.loads((root / "etc/quiesce/installed-fakehost.json").read_text())
-    assert set(manifest["files"]) == {"/opt/fake/pre.sh", "/opt/fake/post.sh"}
+    assert set(manifest["files"]) == {"/opt/fake/pre.sh", "/opt/fake/post.sh",
+                                      "/etc/tmpfiles.d/quiesce.conf", "/etc/logrotate.d/quiesce"}
 
     proc = run(config, "doctor", "fakehost", "--root", str(root), "--script-dir", "/opt/fake",
                "--json", fakes=("fakehost",))
