@@ -69,12 +69,14 @@ class Installer:
         before = json.dumps(manifest, sort_keys=True)
         actions = []
         files = self.host.render(settings) + sysfiles.files(settings)
+        shared = self._shared()  # another host's install may have written a shared file
         # Check everything before writing anything: all or nothing.
         for hf in files:
             path = self.host.path(hf.path)
             current = _sha256(path)
-            ours = manifest["files"].get(hf.path, {}).get("sha256")
-            if current is not None and current not in {ours, _content_sha256(hf)} and not force:
+            ours = {manifest["files"].get(hf.path, {}).get("sha256"), _content_sha256(hf)}
+            if current is not None and current not in ours | shared.get(hf.path, set()) \
+                    and not force:
                 raise ConfigError(f"refusing to overwrite {path}: quiesce did not write it. "
                                   f"Rerun with --force to replace it; it will be backed up first")
         # The scripts write here on this machine: a real path, not under the host's root.
@@ -86,7 +88,8 @@ class Installer:
             if current == _content_sha256(hf) and _mode(path) == hf.mode:
                 manifest["files"][hf.path] = {**entry, "sha256": current}
                 continue  # already in place (a reinstall, or another host wrote it)
-            if current is not None and current not in {entry.get("sha256"), _content_sha256(hf)}:
+            if current is not None and current not in {entry.get("sha256"), _content_sha256(hf)} \
+                    | shared.get(hf.path, set()):
                 backup = f"{path}.quiesce-backup-{time.strftime('%Y%m%dT%H%M%S')}"
                 shutil.copy2(path, backup)
                 entry["backup"] = backup
@@ -94,39 +97,58 @@ class Installer:
             _write(path, hf.content, hf.mode)
             entry["sha256"] = _sha256(path)
             manifest["files"][hf.path] = entry
+            if hf.path in shared:
+                self._hand_over(hf.path, entry["sha256"])
             actions.append(f"wrote {path} (mode {hf.mode:04o})")
         manifest["settings"] = settings.__dict__
         if json.dumps(manifest, sort_keys=True) != before:
             self._save(manifest)
         return actions
 
-    def _shared(self) -> set[str]:
-        """Files another host's manifest also lists (tmpfiles.d, logrotate): theirs too."""
+    def _other_manifests(self):
+        """(path, manifest) of every other host's install under the same root."""
         directory = os.path.dirname(self.manifest_path)
-        shared = set()
-        for name in os.listdir(directory):
-            other = os.path.join(directory, name)
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+            path = os.path.join(directory, name)
             if name.startswith("installed-") and name.endswith(".json") \
-                    and other != self.manifest_path:
-                with open(other, encoding="utf-8") as f:
-                    shared |= set(json.load(f).get("files", ()))
+                    and path != self.manifest_path:
+                with open(path, encoding="utf-8") as f:
+                    yield path, json.load(f)
+
+    def _shared(self) -> dict[str, set[str]]:
+        """Files another host's manifest also lists (tmpfiles.d, logrotate), with the
+        checksums it recorded: theirs too."""
+        shared: dict[str, set[str]] = {}
+        for _, manifest in self._other_manifests():
+            for name, entry in manifest.get("files", {}).items():
+                shared.setdefault(name, set()).add(entry.get("sha256"))
         return shared
+
+    def _hand_over(self, name: str, sha: str | None) -> None:
+        """A shared file we keep is now the other hosts' as it is (the last install of any
+        host may have rewritten it), so their own uninstall recognises it."""
+        for path, manifest in self._other_manifests():
+            if name in manifest.get("files", {}) and sha is not None:
+                manifest["files"][name]["sha256"] = sha
+                _write(path, json.dumps(manifest, indent=2) + "\n", 0o600)
 
     def uninstall(self, *, force: bool = False) -> list[str]:
         manifest = self.manifest()
         if not manifest["files"]:
             return [f"nothing to remove: {self.manifest_path} lists no files"]
-        for name, entry in manifest["files"].items():
-            path = self.host.path(name)
-            current = _sha256(path)
-            if current is not None and current != entry["sha256"] and not force:
-                raise ConfigError(f"refusing to remove {path}: it changed since quiesce wrote it. "
-                                  f"Rerun with --force to remove it anyway")
-        actions = []
         shared = self._shared()
         for name, entry in manifest["files"].items():
             path = self.host.path(name)
+            current = _sha256(path)
+            written = {entry["sha256"]} | shared.get(name, set())
+            if current is not None and current not in written and not force:
+                raise ConfigError(f"refusing to remove {path}: it changed since quiesce wrote it. "
+                                  f"Rerun with --force to remove it anyway")
+        actions = []
+        for name, entry in manifest["files"].items():
+            path = self.host.path(name)
             if name in shared:
+                self._hand_over(name, _sha256(path))
                 actions.append(f"kept {path}: another host's install uses it")
                 continue
             if os.path.exists(path):

@@ -155,3 +155,20 @@ def test_doctor_without_a_host_checks_every_host_whose_agent_is_present(tmp_path
     text = run(config, "doctor", "--root", str(tmp_path / "root"), fakes=("fakehost",))
     assert "== fakehost" in text.stdout and "== azure" not in text.stdout
     assert "fakehost: the next backup would NOT be application-consistent" in text.stdout
+
+
+def test_two_hosts_share_the_system_files_in_any_install_and_uninstall_order(tmp_path):
+    """tmpfiles.d and logrotate belong to every host that installed them: the last install
+    may rewrite them (another log dir), and each host's uninstall still recognises them."""
+    db = make_sqlite(tmp_path / "app.db")
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)}},
+                          runtime_dir=str(tmp_path / "run"))
+    root = tmp_path / "root"
+    for host, log_dir in (("azure", "log-a"), ("qemu-ga", "log-q")):
+        proc = run(config, "install", host, "--root", str(root), "--log-dir",
+                   str(tmp_path / log_dir))
+        assert proc.returncode == 0, proc.stderr
+    for host in ("azure", "qemu-ga"):
+        proc = run(config, "uninstall", host, "--root", str(root))
+        assert proc.returncode == 0, proc.stderr
+    assert [p for p in root.rglob("*") if p.is_file()] == []
