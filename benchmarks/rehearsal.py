@@ -133,6 +133,7 @@ def loop_mount(stack) -> tuple[str | None, str]:
 
 def one_cycle(host, events: HostEvents, step: float, mount: str | None) -> dict:
     """One rehearsal: the host's report, its events' times and the freeze script's exit."""
+    from quiesce.hosts import Rehearsal
     from quiesce.snapshot import SnapshotStep
     marks: dict[str, float] = {}
     names = {"freeze_script": events.freeze_script, "noticed": events.noticed,
@@ -146,8 +147,9 @@ def one_cycle(host, events: HostEvents, step: float, mount: str | None) -> dict:
     exits = ChildExits()
     exits.start()
     try:
-        report = host.rehearse(snapshot=SnapshotStep(wait=step), freeze_mounts=[mount] if mount
-                               else [], freeze_deadline=60, on_event=on_event)
+        report = host.rehearse(Rehearsal(snapshot=SnapshotStep(wait=step),
+                                         freeze_mounts=[mount] if mount else [],
+                                         freeze_deadline=60, on_event=on_event))
     finally:
         exits.done.set()
         exits.join()
