@@ -93,6 +93,7 @@ def merge_config(text: str, values: dict[str, str]) -> tuple[str, dict[str, Any]
         added += f"[{SECTION}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
         return text + added, {"appended": added, "keys": {}}
     previous: dict[str, str | None] = {}
+    unterminated = not text.endswith("\n")
     for key, value in values.items():
         index = _key_line(lines, span, key)
         previous[key] = lines[index] if index is not None else None
@@ -106,7 +107,7 @@ def merge_config(text: str, values: dict[str, str]) -> tuple[str, dict[str, Any]
                 lines[end - 1] += "\n"
             lines.insert(end, f"{key} = {value}\n")
             span = (span[0], span[1] + 1)
-    return "".join(lines), {"appended": None, "keys": previous}
+    return "".join(lines), {"appended": None, "keys": previous, "unterminated": unterminated}
 
 
 def undo_config(text: str, undo: dict[str, Any]) -> str:
@@ -126,7 +127,8 @@ def undo_config(text: str, undo: dict[str, Any]) -> str:
             span = (span[0], span[1] - 1)
         else:
             lines[index] = old
-    return "".join(lines)
+    text = "".join(lines)
+    return text[:-1] if undo.get("unterminated") and text.endswith("\n") else text
 
 
 def effective_config(root: str = "/") -> tuple[dict[str, str], list[str]]:
