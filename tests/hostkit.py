@@ -4,7 +4,6 @@ settings, recording scripts, and the byte-compare of rendered files."""
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,7 +63,3 @@ def recorder(path: Path, record: Path, *, code: int = 0, sleep: float = 0, extra
 
 def lines(record: Path) -> list[str]:
     return record.read_text().splitlines() if record.exists() else []
-
-
-def is_executable(path: Path) -> bool:
-    return bool(path.stat().st_mode & stat.S_IXUSR)

@@ -118,13 +118,12 @@ def test_timeout_kills_the_shell_running_the_freeze_script_and_runs_freezefail(h
     assert lines(record) == ["1 freeze", "2 freeze", "1 freezeFail"]
 
 
-def test_timeout_while_frozen_discards_the_snapshot(host, monkeypatch):
+def test_timeout_while_frozen_discards_the_snapshot(host):
     root, record = host
     script(root, f"{SCRIPTS_DIR}/1", record)
     thawed = []
-    emulator = emulate(root, timeout=1)
-    result = emulator.run(sync_freeze=lambda: (lambda: thawed.append(True)),
-                          snapshot=lambda: subprocess.run(["sleep", "1.5"]))
+    result = emulate(root, timeout=1).run(sync_freeze=lambda: (lambda: thawed.append(True)),
+                                          snapshot=lambda: subprocess.run(["sleep", "1.5"]))
     assert result.status == "timeout" and not result.snapshot_taken and thawed == [True]
     assert lines(record) == ["1 freeze", "1 freezeFail"]
 

@@ -249,7 +249,7 @@ def check_config(root: str = "/") -> Check:
                                       f".distro/.template overrides it): run `quiesce install`")
     overridden = [o for o in origin if not o.endswith(CONFIG)]
     return Check("config", True, f"snapshots enabled; restart google-guest-agent after a "
-                                 f"change (it reads its config at start)"
+                                 "change (it reads its config at start)"
                  + (f"; set last by {', '.join(overridden)}" if overridden else ""),
                  warning=bool(overridden))
 
@@ -277,7 +277,7 @@ def check_scripts(root: str, settings: Any) -> list[Check]:
             continue
         with open(real, encoding="utf-8", errors="replace") as f:
             same = f.read() == file.content
-        checks.append(Check(f"{os.path.basename(file.path)}", same,
+        checks.append(Check(os.path.basename(file.path), same,
                             f"{file.path} is what quiesce installs" if same else
                             f"{file.path} differs from what quiesce installs: "
                             f"run `quiesce install gcp --force`"))
