@@ -248,7 +248,7 @@ def check_config(root: str = "/") -> Check:
         return Check("config", False, f"[{SECTION}] enabled is not true in {CONFIG} (or a "
                                       f".distro/.template overrides it): run `quiesce install`")
     overridden = [o for o in origin if not o.endswith(CONFIG)]
-    return Check("config", True, f"snapshots enabled; restart google-guest-agent after a "
+    return Check("config", True, "snapshots enabled; restart google-guest-agent after a "
                                  "change (it reads its config at start)"
                  + (f"; set last by {', '.join(overridden)}" if overridden else ""),
                  warning=bool(overridden))
