@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..thaw import FIFO_NAME
 
@@ -125,6 +126,19 @@ def run_script(argv: Sequence[str], *, timeout: float | None,
     return ScriptRun(list(argv), proc.returncode, timed_out, held,
                      b"".join(chunks).decode(errors="replace"),
                      seconds=time.monotonic() - started)
+
+
+def real_freeze(mounts: Sequence[str], *, deadline_seconds: float,
+                allow_root: bool = False) -> Callable[[], Callable[[], None]]:
+    """An emulator's file-system freeze done for real: freeze *mounts* (with fsfreeze's
+    independent deadline thaw) and hand back their thaw."""
+    def freeze() -> Callable[[], None]:
+        from .. import fsfreeze
+        stack = contextlib.ExitStack()
+        stack.enter_context(fsfreeze.freeze(mounts, deadline_seconds=deadline_seconds,
+                                            allow_root=allow_root))
+        return stack.close
+    return freeze
 
 
 # -- doctor ---------------------------------------------------------------------------
