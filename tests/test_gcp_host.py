@@ -32,7 +32,7 @@ groups = adm,video
 @pytest.fixture
 def agent(tmp_path):
     root, record = tmp_path / "root", tmp_path / "record"
-    (root / gcp.SCRIPTS_DIR.lstrip("/")).mkdir(parents=True, mode=0o700)
+    (root / gcp.SCRIPTS_DIR.lstrip("/")).mkdir(parents=True, mode=gcp.SCRIPTS_DIR_MODE)
     return root, record
 
 

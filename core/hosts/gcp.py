@@ -25,6 +25,7 @@ from .scripting import (Check, Rooted, append_report, freeze_command, header, ou
                         run_script, script_permissions, signal_thaw, thaw_report)
 
 SCRIPTS_DIR = "/etc/google/snapshots"
+SCRIPTS_DIR_MODE = 0o700   # what the agent creates; install must create it the same way
 PRE = SCRIPTS_DIR + "/pre.sh"
 POST = SCRIPTS_DIR + "/post.sh"
 CONFIG = "/etc/default/instance_configs.cfg"
