@@ -37,8 +37,9 @@ def signature_text(fn) -> str:
     return f"{fn.__name__}({params}){returns}"
 
 
-def test_the_hookspecs_are_the_five_hooks():
-    assert set(hookspec_functions()) == {"validate", "check", "flush", "quiesce", "thaw"}
+def test_the_hookspecs_are_the_five_hooks_and_register_commands():
+    assert set(hookspec_functions()) == {"validate", "check", "flush", "quiesce", "thaw",
+                                         "register_commands"}
 
 
 @pytest.mark.parametrize("hook", sorted(hookspec_functions()))
