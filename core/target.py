@@ -137,6 +137,11 @@ class Target:
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
 
+    def is_set(self, key: str) -> bool:
+        """Whether the config sets *key*, without reading its value (for keys that must
+        not be set, or whose absence means something else than any value)."""
+        return key in self.settings
+
     def unknown_keys(self) -> list[str]:
         return sorted(set(self.settings) - self._read)
 
