@@ -837,7 +837,7 @@ def scripted(monkeypatch):
     """Route the adapter's connections to a ScriptedMySQL; returns (set_script, log)."""
     log: list[str] = []
     script: dict = {}
-    monkeypatch.setattr(my, "_connect", lambda target, s, **kw: ScriptedMySQL(script, log))
+    monkeypatch.setattr(my, "connect", lambda target, s, **kw: ScriptedMySQL(script, log))
     return script, log
 
 
