@@ -42,7 +42,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl, import_driver, one_line
+from quiesce import (Hold, HoldBroken, Target, TargetError, hookimpl, import_driver, one_line,
+                     translated)
 from quiesce.adapters.postgresql_restore import (add_restore_prepare, safe_name,
                                                  write_label_files)
 
@@ -309,9 +310,8 @@ def check(target: Target) -> dict:
     cfg = settings(target)
     conn = _connect(target, cfg)
     try:
-        server = _inspect(conn)
-    except _psycopg().Error as e:
-        raise TargetError(f"cannot read the server's settings on {cfg.where}: {one_line(e)}") from e
+        with translated(_psycopg().Error, f"cannot read the server's settings on {cfg.where}"):
+            server = _inspect(conn)
     finally:
         conn.close()
     facts: dict[str, Any] = {

@@ -29,7 +29,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
+from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl, translated
 
 
 RETRY_INTERVAL = 0.001  # between lock attempts: a tight-loop writer leaves gaps this short
@@ -72,14 +72,12 @@ def _connect(target: Target, s: Settings, *, read_only: bool = False,
         raise TargetError(f"{path} does not exist; fix targets.{target.name}.path")
     mode = "ro" if read_only else "rw"
     timeout = s.busy_timeout if timeout is None else timeout
-    try:
+    with translated(sqlite3.Error, f"cannot open {path}"):
         # isolation_level=None: we issue BEGIN/ROLLBACK ourselves, nothing implicit.
         # quoted: a '#' or '?' in the path would otherwise open (and lock) another file
         return sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode={mode}", uri=True,
                                timeout=timeout, isolation_level=None,
                                check_same_thread=False)
-    except sqlite3.Error as e:
-        raise TargetError(f"cannot open {path}: {e}") from e
 
 
 @hookimpl
@@ -87,10 +85,9 @@ def check(target: Target) -> dict:
     s = settings(target)
     conn = _connect(target, s, read_only=True)
     try:
-        journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        conn.execute("PRAGMA schema_version").fetchone()  # fails on a non-database file
-    except sqlite3.Error as e:
-        raise TargetError(f"{s.path} is not a usable SQLite database: {e}") from e
+        with translated(sqlite3.Error, f"{s.path} is not a usable SQLite database"):
+            journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            conn.execute("PRAGMA schema_version").fetchone()  # fails on a non-database file
     finally:
         conn.close()
     if not os.access(s.path, os.W_OK):
