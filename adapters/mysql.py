@@ -25,9 +25,12 @@ holder's own session is killed from a second connection, so no queued lock reque
 left. ``wait_timeout`` on the holder session is a server-side dead-man switch a little
 past ``max_hold``.
 
-The SQL for a given flavour, version and strategy is computed by pure functions
-(:func:`choose_strategy`, :func:`lock_plan`, :func:`replica_sql`, :func:`coordinates_sql`,
-:func:`required_privileges`), so the MySQL-only paths are tested without a MySQL server.
+The SQL for a given flavour, version and strategy is computed by pure functions in
+:mod:`quiesce.adapters.mysql_strategies` (``choose_strategy``, ``lock_plan``,
+``replica_sql``, ``coordinates_sql``, ``required_privileges``), so the MySQL-only paths are
+tested without a MySQL server. The settings (read once, by :func:`settings`) and the
+sessions live in :mod:`quiesce.adapters.mysql_connection`; this module acquires the lock
+and implements the hooks.
 """
 
 from __future__ import annotations

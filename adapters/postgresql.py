@@ -214,20 +214,20 @@ def _psycopg():
     return import_driver("psycopg", "postgresql")
 
 
-def _connect(target: Target, cfg: Settings):
+def _connect(target: Target, s: Settings):
     """A direct autocommit session; nothing in it reconnects by itself."""
     psycopg = _psycopg()
-    params = dict(cfg.params, application_name=APPLICATION_NAME,
+    params = dict(s.params, application_name=APPLICATION_NAME,
                   connect_timeout=max(2, math.ceil(target.timeout)), **KEEPALIVES)
     try:
-        conn = psycopg.connect(cfg.dsn or "", autocommit=True, **params)
+        conn = psycopg.connect(s.dsn or "", autocommit=True, **params)
     except psycopg.Error as e:
-        raise TargetError(f"cannot connect to PostgreSQL ({cfg.where}): {one_line(e)}; check "
+        raise TargetError(f"cannot connect to PostgreSQL ({s.where}): {one_line(e)}; check "
                           f"targets.{target.name}'s connection settings") from e
     try:
         if conn.info.server_version < MIN_VERSION:
             raise TargetError(f"PostgreSQL {_version_text(conn.info.server_version)} at "
-                              f"{cfg.where} is not supported; quiesce supports 12 and later")
+                              f"{s.where} is not supported; quiesce supports 12 and later")
         # Per-session: the held session must outlive any server-wide idle timeout, and no
         # statement may wait longer than the target's timeout.
         setup = ["SET idle_in_transaction_session_timeout = 0",
@@ -239,7 +239,7 @@ def _connect(target: Target, cfg: Settings):
     except BaseException as e:
         conn.close()
         if isinstance(e, psycopg.Error):
-            raise TargetError(f"cannot set up the session on {cfg.where}: {one_line(e)}") from e
+            raise TargetError(f"cannot set up the session on {s.where}: {one_line(e)}") from e
         raise
     return conn
 
@@ -307,33 +307,33 @@ def _backup_grant(server: _Server) -> str:
 
 @hookimpl
 def check(target: Target) -> dict:
-    cfg = settings(target)
-    conn = _connect(target, cfg)
+    s = settings(target)
+    conn = _connect(target, s)
     try:
-        with translated(_psycopg().Error, f"cannot read the server's settings on {cfg.where}"):
+        with translated(_psycopg().Error, f"cannot read the server's settings on {s.where}"):
             server = _inspect(conn)
     finally:
         conn.close()
     facts: dict[str, Any] = {
-        "mode": cfg.mode, "version": server.version, "role": server.role,
+        "mode": s.mode, "version": server.version, "role": server.role,
         "superuser": server.superuser, "standby": server.standby, "wal_level": server.wal_level,
         "archive_mode": server.archive_mode, "can_checkpoint": server.can_checkpoint,
     }
-    if cfg.mode == "checkpoint":
+    if s.mode == "checkpoint":
         if not server.can_checkpoint:
             raise TargetError(_checkpoint_grant(server))
         return facts
     if server.wal_level not in ("replica", "logical"):
-        raise TargetError(f"wal_level is {server.wal_level!r} on {cfg.where}; backup mode needs "
+        raise TargetError(f"wal_level is {server.wal_level!r} on {s.where}; backup mode needs "
                           f"'replica' or 'logical': run ALTER SYSTEM SET wal_level = 'replica'; "
                           f"and restart PostgreSQL")
     if not server.can_backup:
         raise TargetError(_backup_grant(server))
-    if not os.path.isdir(cfg.label_dir):
-        raise TargetError(f"label_dir {cfg.label_dir} does not exist; create it (on a disk that "
+    if not os.path.isdir(s.label_dir):
+        raise TargetError(f"label_dir {s.label_dir} does not exist; create it (on a disk that "
                           f"is kept, not tmpfs) or fix targets.{target.name}.label_dir")
-    if not os.access(cfg.label_dir, os.W_OK | os.X_OK):
-        raise TargetError(f"label_dir {cfg.label_dir} is not writable by this user; backup "
+    if not os.access(s.label_dir, os.W_OK | os.X_OK):
+        raise TargetError(f"label_dir {s.label_dir} is not writable by this user; backup "
                           f"labels are written there at thaw")
     archiving = server.archive_mode == "always" or (server.archive_mode == "on"
                                                     and not server.standby)
@@ -341,21 +341,21 @@ def check(target: Target) -> dict:
         facts["warning"] = ("WAL archiving is off for this server: the WAL a backup needs "
                             "(through its stop LSN) exists only in the live pg_wal, which "
                             "recycles it; archive it, or restore snapshots without the label")
-    facts["label_dir"] = cfg.label_dir
-    facts["wait_for_archive"] = cfg.wait_for_archive
+    facts["label_dir"] = s.label_dir
+    facts["wait_for_archive"] = s.wait_for_archive
     return facts
 
 
 @hookimpl
 def flush(target: Target) -> dict:
-    cfg = settings(target)
+    s = settings(target)
     psycopg = _psycopg()
-    conn = _connect(target, cfg)
+    conn = _connect(target, s)
     server = None
     try:
         server = _inspect(conn)
         if not server.can_checkpoint:
-            if cfg.mode == "checkpoint":
+            if s.mode == "checkpoint":
                 raise TargetError(_checkpoint_grant(server))
             return {"checkpoint": "skipped: the role may not run CHECKPOINT; "
                                   "pg_backup_start runs its own"}
@@ -372,11 +372,11 @@ def flush(target: Target) -> dict:
         return {"checkpoint": outcome, "lsn": lsn}
     except psycopg.errors.InsufficientPrivilege as e:
         if server is None:
-            raise TargetError(f"cannot read the server's settings on {cfg.where}: "
+            raise TargetError(f"cannot read the server's settings on {s.where}: "
                               f"{one_line(e)}") from None
         raise TargetError(_checkpoint_grant(server)) from None
     except psycopg.Error as e:
-        raise TargetError(f"CHECKPOINT on {cfg.where} failed: {one_line(e)}") from e
+        raise TargetError(f"CHECKPOINT on {s.where} failed: {one_line(e)}") from e
     finally:
         conn.close()
 
@@ -384,9 +384,9 @@ def flush(target: Target) -> dict:
 class _BackupSession:
     """The held session of a running backup. Used by one thread at a time (the lock)."""
 
-    def __init__(self, conn, cfg: Settings, facts: dict[str, Any]):
+    def __init__(self, conn, s: Settings, facts: dict[str, Any]):
         self.conn = conn
-        self.cfg = cfg
+        self.s = s
         self.facts = facts
         self.lock = threading.Lock()
         self.result: dict[str, Any] | None = None
@@ -398,13 +398,13 @@ class _BackupSession:
 
 @hookimpl
 def quiesce(target: Target) -> Hold:
-    cfg = settings(target)
-    if cfg.mode == "checkpoint":
+    s = settings(target)
+    if s.mode == "checkpoint":
         return Hold(facts={"mode": "checkpoint"})
     psycopg = _psycopg()
     started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     label = f"quiesce {safe_name(target.name)} {started:%Y-%m-%dT%H:%M:%SZ}"
-    conn = _connect(target, cfg)
+    conn = _connect(target, s)
     try:
         version = conn.info.server_version
         if version >= 150000:
@@ -415,22 +415,22 @@ def quiesce(target: Target) -> Hold:
     except BaseException as e:
         conn.close()  # a backup half-started in this session is aborted with it
         if isinstance(e, psycopg.errors.InsufficientPrivilege):
-            raise TargetError(_backup_grant(_inspect_safely(target, cfg))) from None
+            raise TargetError(_backup_grant(_inspect_safely(target, s))) from None
         if isinstance(e, psycopg.errors.QueryCanceled):
             raise TargetError(f"the backup did not start within {target.timeout:g} s (its "
                               f"checkpoint took longer); nothing is held; raise "
                               f"targets.{target.name}.timeout") from None
         if isinstance(e, psycopg.Error):
-            raise TargetError(f"the backup did not start on {cfg.where}: {one_line(e)}") from e
+            raise TargetError(f"the backup did not start on {s.where}: {one_line(e)}") from e
         raise
     facts = {"mode": "backup", "label": label, "start_lsn": start_lsn,
              "started_at": f"{started:%Y-%m-%dT%H:%M:%SZ}", "backend_pid": conn.info.backend_pid,
              "version": _version_text(version), "standby": standby}
-    return Hold(session=_BackupSession(conn, cfg, facts), facts=facts)
+    return Hold(session=_BackupSession(conn, s, facts), facts=facts)
 
 
-def _inspect_safely(target: Target, cfg: Settings) -> _Server:
-    conn = _connect(target, cfg)
+def _inspect_safely(target: Target, s: Settings) -> _Server:
+    conn = _connect(target, s)
     try:
         return _inspect(conn)
     finally:
@@ -461,15 +461,15 @@ def thaw(target: Target, hold: Hold) -> dict | None:
             raise
         finally:
             session.conn.close()
-        session.result = write_label_files(target.name, session.facts, session.cfg.label_dir,
-                                           session.cfg.wait_for_archive, lsn, labelfile,
+        session.result = write_label_files(target.name, session.facts, session.s.label_dir,
+                                           session.s.wait_for_archive, lsn, labelfile,
                                            spcmapfile or b"")
         return session.result
 
 
 def _stop(target: Target, session: _BackupSession) -> tuple[str, bytes, bytes | None]:
     psycopg = _psycopg()
-    conn, cfg = session.conn, session.cfg
+    conn, s = session.conn, session.s
     lost = f"{target.name}: backup aborted: the session ended before pg_backup_stop"
     if conn.closed or conn.broken:
         raise HoldBroken(f"{lost} (its connection was closed)")
@@ -482,11 +482,11 @@ def _stop(target: Target, session: _BackupSession) -> tuple[str, bytes, bytes | 
     query = (f"SELECT lsn::text, convert_to(labelfile, current_setting('server_encoding')), "
              f"convert_to(spcmapfile, current_setting('server_encoding')) FROM {sql}")
     try:
-        conn.execute(f"SET statement_timeout = {_ms(cfg.stop_timeout)}")
-        return conn.execute(query, (cfg.wait_for_archive,)).fetchone()
+        conn.execute(f"SET statement_timeout = {_ms(s.stop_timeout)}")
+        return conn.execute(query, (s.wait_for_archive,)).fetchone()
     except psycopg.errors.QueryCanceled:
         raise HoldBroken(
-            f"{target.name}: pg_backup_stop did not return within {cfg.stop_timeout:g} s "
+            f"{target.name}: pg_backup_stop did not return within {s.stop_timeout:g} s "
             f"(waiting for WAL archiving?); the backup ended but its label was not returned, so "
             f"this snapshot can only be restored without one; fix archiving or raise "
             f"stop_timeout") from None
