@@ -207,12 +207,12 @@ def _check_privileges(target: Target, client, mode: str, member: dict,
     if not users:
         return {"user": None}  # no auth, or not logged in: serverStatus tells which
     user, user_db = users[0].get("user", "?"), users[0].get("db", "admin")
-    cluster, settings = _granted(info.get("authenticatedUserPrivileges") or [])
+    cluster, on_settings = _granted(info.get("authenticatedUserPrivileges") or [])
     if "unlock" in cluster:
         cluster.add("fsyncUnlock")  # what a mongos checks in 7.x; backports may check unlock
     missing = [a for a in _needs(mode, member) if a not in cluster and "anyAction" not in cluster]
     missing = [f"{', '.join(missing)} on the cluster"] if missing else []
-    if stop_balancer and not ({"find", "update"} <= settings or "anyAction" in settings):
+    if stop_balancer and not ({"find", "update"} <= on_settings or "anyAction" in on_settings):
         missing.append("find, update on config.settings")
     if missing:
         role = _role_definition(_role_actions(mode, member["member"] == "mongos"),
@@ -268,7 +268,7 @@ def check(target: Target) -> dict[str, Any]:
                 raise TargetError(
                     f"{endpoint(target)} requires authentication and the URI logs in as nobody; "
                     f"create a user with this role and put mongodb://USER:PASSWORD@"
-                    f"{uri_hosts(settings(target).uri)}/?authSource=admin in uri_file: {role}") from None
+                    f"{uri_hosts(s.uri)}/?authSource=admin in uri_file: {role}") from None
             raise translate(target, "reading serverStatus", e) from None
         engine = status.get("storageEngine") or {}
         if engine.get("name"):
@@ -344,7 +344,7 @@ def quiesce(target: Target) -> Hold | None:
     if mode == "journal" and not stop_balancer:
         return None  # the checkpoint was the flush; nothing to hold
     with connected(target) as client:
-        facts: dict[str, Any] = {"mode": mode, "server": uri_hosts(settings(target).uri)}
+        facts: dict[str, Any] = {"mode": mode, "server": uri_hosts(s.uri)}
         version: tuple[int, ...] = ()
         member = {"member": "mongos"} if stop_balancer else {"member": "unknown"}
         if mode == "lock":

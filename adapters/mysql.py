@@ -219,9 +219,9 @@ def _attempt(target: Target, s: Settings, conn, server: Server, plan: Plan,
                 # have our request queued, with writers behind it. Kill the session.
                 _kill_session(target, s, thread_id)
                 raise TargetError(f"{stmt} did not complete within {target.timeout:g} s and "
-                                  f"the connection was dropped ({error_text(e)}); the holder's session "
-                                  f"{thread_id} was killed so no lock request is left queued. "
-                                  f"Retry later") from None
+                                  f"the connection was dropped ({error_text(e)}); the holder's "
+                                  f"session {thread_id} was killed so no lock request is left "
+                                  f"queued. Retry later") from None
             _release(conn, plan.release)  # undo earlier stages / locks of this attempt
             if code in TIMEOUT_CODES:
                 suspects = _running(conn, server, plan.suspects, 0.0)
@@ -398,7 +398,8 @@ def check(target: Target) -> dict[str, Any]:
             facts["replica"] = replica if replica else False
         except Exception as e:
             if s.stop_replica_sql_thread:
-                raise TargetError(f"{replica_sql(server, 'status')} failed: {error_text(e)}") from None
+                raise TargetError(f"{replica_sql(server, 'status')} failed: "
+                                  f"{error_text(e)}") from None
             facts["replica"] = f"unknown ({error_text(e)})"
         if s.stop_replica_sql_thread and not facts["replica"]:
             facts["replica_note"] = "stop_replica_sql_thread is set but this server is no replica"
