@@ -37,180 +37,19 @@ docs/adapters/mongodb.md.
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
-from quiesce import Hold, HoldBroken, MissingDriverError, Target, TargetError, hookimpl
+from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
+from quiesce.adapters.mongodb_connection import (COMMAND_NOT_FOUND, UNAUTHORIZED, cmd,
+                                                 connected, driver, endpoint, open_client,
+                                                 reason, run, settings, translate, uri_hosts)
 
-MODES = ("journal", "lock")
 #: Releases whose mongos can fsync-lock the whole cluster (7.1 and later, plus backports).
 MONGOS_LOCK_SINCE = {4: (4, 4, 25), 5: (5, 0, 22), 6: (6, 0, 11), 7: (7, 0, 2)}
 #: ``fsyncLockAcquisitionTimeoutMillis`` exists from this release on.
 ACQUISITION_TIMEOUT_SINCE = (7, 0, 2)
-UNAUTHORIZED = 13
-COMMAND_NOT_FOUND = 59
-APPNAME = "quiesce"
-#: Without uri or uri_file: where mongosh connects with no options (a stock mongod.conf
-#: binds 127.0.0.1:27017).
-DEFAULT_URI = "mongodb://127.0.0.1:27017/"
-
-
-# -- settings ------------------------------------------------------------------------
-
-
-def _uri_hosts(uri: str) -> str:
-    """The host list of a MongoDB URI, without scheme, credentials or options."""
-    rest = uri.split("://", 1)[1] if "://" in uri else uri
-    rest = rest.rsplit("@", 1)[-1]  # credentials first: an unescaped '/' may be in them
-    return re.split(r"[/?]", rest, maxsplit=1)[0]
-
-
-def _scrub(text: str) -> str:
-    """Remove credentials from anything that may quote a URI."""
-    return re.sub(r"(mongodb(?:\+srv)?://)\S*@", r"\1***@", text)
-
-
-def _check_uri(target: Target, key: str, uri: str, *, inline: bool) -> None:
-    if not uri.startswith("mongodb://"):
-        hint = (" mongodb+srv:// names a whole cluster; the fsync lock is per server, so "
-                "name the one mongod (or mongos) with mongodb://host:port"
-                if uri.startswith("mongodb+srv://") else "")
-        raise target.error(key, f"expected a mongodb://host:port URI.{hint}")
-    if inline and re.match(r"mongodb://[^@/]*:[^@/]*@", uri):
-        raise target.error(key, "this URI holds a password: put it in a file readable only "
-                                "by root (chmod 600) and name that file with uri_file instead")
-    hosts = _uri_hosts(uri)
-    if not hosts or "," in hosts:
-        raise target.error(key, f"name exactly one host:port (got {hosts or 'none'!r}): the "
-                                f"fsync lock is per server, and quiesce talks to that server "
-                                f"directly (directConnection)")
-
-
-@hookimpl
-def validate(target: Target) -> None:
-    uri = target.option("uri", str, default=None)
-    uri_file = target.private_file("uri_file", default=None)
-    if uri is not None and uri_file is not None:
-        raise target.error("uri_file", "set one of uri_file (a 0600 file holding the URI, for "
-                                       "URIs with a password) or uri, not both")
-    if uri is not None:
-        _check_uri(target, "uri", uri, inline=True)
-    elif uri_file is not None:
-        _check_uri(target, "uri_file", target.secret("uri_file"), inline=False)
-    target.option("mode", str, default="journal", choices=MODES)
-    target.option("allow_primary", bool, default=False)
-    target.option("stop_balancer", bool, default=False)
-    target.option("tls", bool, default=None)
-    ca = target.option("tls_ca_file", str, default=None)
-    if ca is not None and not os.path.isfile(ca):
-        raise target.error("tls_ca_file", f"{ca} does not exist")
-    target.private_file("tls_certificate_key_file", default=None)  # holds a private key
-    target.private_file("tls_certificate_key_file_password_file", default=None)
-
-
-def _uri(target: Target) -> str:
-    if target.settings.get("uri_file") is not None:
-        return target.secret("uri_file")
-    return target.option("uri", str, default=DEFAULT_URI)
-
-
-def _where(target: Target) -> str:
-    return f"MongoDB {_uri_hosts(_uri(target))} (target {target.name})"
-
-
-# -- connection ------------------------------------------------------------------------
-
-
-def _driver():
-    try:
-        import pymongo
-        import pymongo.errors
-    except ImportError:
-        raise MissingDriverError("pymongo", "mongodb") from None
-    return pymongo
-
-
-def _client(target: Target):
-    """A client for exactly the configured server; every wait bounded by target.timeout."""
-    pymongo = _driver()
-    ms = max(1, int(target.timeout * 1000))
-    kwargs: dict[str, Any] = {
-        "directConnection": True,  # the lock is per server: never let a URI pick another
-        "appname": APPNAME,
-        "serverSelectionTimeoutMS": ms, "connectTimeoutMS": ms, "socketTimeoutMS": ms,
-        "retryWrites": False, "retryReads": False,  # nothing is ever sent twice
-    }
-    if pymongo.version_tuple >= (4, 7):
-        kwargs["serverMonitoringMode"] = "poll"  # short-lived client: no streaming monitor
-    tls = target.settings.get("tls")
-    if tls is not None:
-        kwargs["tls"] = tls
-    for key, option in (("tls_ca_file", "tlsCAFile"),
-                        ("tls_certificate_key_file", "tlsCertificateKeyFile")):
-        if target.settings.get(key) is not None:
-            kwargs[option] = target.settings[key]
-    if target.settings.get("tls_certificate_key_file_password_file") is not None:
-        kwargs["tlsCertificateKeyFilePassword"] = target.secret(
-            "tls_certificate_key_file_password_file")
-    try:
-        return pymongo.MongoClient(_uri(target), **kwargs)
-    except (pymongo.errors.PyMongoError, ValueError) as e:  # ValueError: a malformed URI
-        raise TargetError(f"cannot use the URI of target {target.name}: {_scrub(str(e))}; "
-                          f"fix uri/uri_file or the tls_* settings") from None
-
-
-@contextmanager
-def _connected(target: Target) -> Iterator[Any]:
-    client = _client(target)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def _reason(error: Exception) -> str:
-    """The useful part of a driver error, without the topology dump or credentials."""
-    pymongo = _driver()
-    if isinstance(error, pymongo.errors.OperationFailure):
-        details = error.details or {}
-        text = f"{details.get('errmsg') or error} (code {error.code})"
-    else:
-        text = str(error).split(", Timeout: ")[0].split(", Topology Description")[0]
-    return _scrub(text)
-
-
-def _translate(target: Target, doing: str, error: Exception) -> TargetError:
-    """A driver error as a one-line TargetError that says what to do."""
-    errors = _driver().errors
-    where = _where(target)
-    if isinstance(error, errors.ServerSelectionTimeoutError):
-        return TargetError(f"cannot reach {where} within {target.timeout:g} s while {doing}: "
-                           f"{_reason(error)}; check that it runs and the uri/tls settings")
-    if isinstance(error, errors.NetworkTimeout):
-        return TargetError(f"no reply from {where} within {target.timeout:g} s while {doing} "
-                           f"({_reason(error)}); raise the target's timeout or find what "
-                           f"stalls the server")
-    if isinstance(error, errors.ConnectionFailure):
-        return TargetError(f"lost the connection to {where} while {doing}: {_reason(error)}")
-    if isinstance(error, errors.OperationFailure) and error.code == UNAUTHORIZED:
-        return TargetError(f"not authorized for {doing} on {where}; run `quiesce check` for "
-                           f"the role to create")
-    return TargetError(f"{doing} failed on {where}: {_reason(error)}")
-
-
-def _run(target: Target, client, doing: str, command: dict) -> dict:
-    """Run an admin command; driver errors become one-line TargetErrors."""
-    try:
-        return client.admin.command(command)
-    except _driver().errors.PyMongoError as e:
-        raise _translate(target, doing, e) from None
-
-
-def _cmd(name: str, **args: Any) -> dict:
-    return {name: 1, **args}  # dicts keep order: the command name goes first
 
 
 # -- server facts ----------------------------------------------------------------------
@@ -221,15 +60,15 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def _hello(target: Target, client) -> dict:
-    errors = _driver().errors
+    errors = driver().errors
     try:
         return client.admin.command("hello")
     except errors.OperationFailure as e:
         if e.code != COMMAND_NOT_FOUND:  # before 4.4.2 the command was only isMaster
-            raise _translate(target, "reading the member state (hello)", e) from None
+            raise translate(target, "reading the member state (hello)", e) from None
     except errors.PyMongoError as e:
-        raise _translate(target, "reading the member state (hello)", e) from None
-    return _run(target, client, "reading the member state (isMaster)", _cmd("isMaster"))
+        raise translate(target, "reading the member state (hello)", e) from None
+    return run(target, client, "reading the member state (isMaster)", cmd("isMaster"))
 
 
 def _member(hello: dict) -> dict[str, Any]:
@@ -260,8 +99,8 @@ def _process_id(hello: dict) -> str | None:
 def _refuse_member(target: Target, member: dict, version: tuple[int, ...]) -> None:
     """lock mode: lock where it hurts least, or refuse."""
     state = member["member"]
-    allow_primary = target.option("allow_primary", bool, default=False)
-    where = _where(target)
+    allow_primary = settings(target).allow_primary
+    where = endpoint(target)
     if state == "primary" and not allow_primary:
         raise TargetError(
             f"{where} is the PRIMARY of replica set {member.get('replica_set')}: an fsync lock "
@@ -293,8 +132,8 @@ def _fsync_locked(target: Target, client, member: str) -> bool | None:
     """
     if member == "mongos":
         return None
-    reply = _run(target, client, "reading the fsync lock state (currentOp)",
-                 _cmd("currentOp", **{"$ownOps": True}))
+    reply = run(target, client, "reading the fsync lock state (currentOp)",
+                 cmd("currentOp", **{"$ownOps": True}))
     return bool(reply.get("fsyncLock"))
 
 
@@ -361,25 +200,25 @@ def _granted(privileges: list[dict]) -> tuple[set[str], set[str]]:
 
 def _check_privileges(target: Target, client, mode: str, member: dict,
                       stop_balancer: bool) -> dict[str, Any]:
-    status = _run(target, client, "reading the privileges (connectionStatus)",
-                  _cmd("connectionStatus", showPrivileges=True))
+    status = run(target, client, "reading the privileges (connectionStatus)",
+                  cmd("connectionStatus", showPrivileges=True))
     info = status.get("authInfo") or {}
     users = info.get("authenticatedUsers") or []
     if not users:
         return {"user": None}  # no auth, or not logged in: serverStatus tells which
     user, user_db = users[0].get("user", "?"), users[0].get("db", "admin")
-    cluster, settings = _granted(info.get("authenticatedUserPrivileges") or [])
+    cluster, on_settings = _granted(info.get("authenticatedUserPrivileges") or [])
     if "unlock" in cluster:
         cluster.add("fsyncUnlock")  # what a mongos checks in 7.x; backports may check unlock
     missing = [a for a in _needs(mode, member) if a not in cluster and "anyAction" not in cluster]
     missing = [f"{', '.join(missing)} on the cluster"] if missing else []
-    if stop_balancer and not ({"find", "update"} <= settings or "anyAction" in settings):
+    if stop_balancer and not ({"find", "update"} <= on_settings or "anyAction" in on_settings):
         missing.append("find, update on config.settings")
     if missing:
         role = _role_definition(_role_actions(mode, member["member"] == "mongos"),
                                 stop_balancer, user, user_db)
         raise TargetError(
-            f"user {user}@{user_db} on {_where(target)} lacks {' and '.join(missing)}, which "
+            f"user {user}@{user_db} on {endpoint(target)} lacks {' and '.join(missing)}, which "
             f"mode {mode} needs (the built-in backup role has no fsync or unlock); as a user "
             f"administrator run in mongosh: {role}")
     return {"user": f"{user}@{user_db}",
@@ -399,21 +238,22 @@ def _replication_lag(status: dict) -> float | None:
 # -- hooks -----------------------------------------------------------------------------
 
 
-def _settings(target: Target) -> tuple[str, bool]:
-    return (target.option("mode", str, default="journal", choices=MODES),
-            target.option("stop_balancer", bool, default=False))
+@hookimpl
+def validate(target: Target) -> None:
+    settings(target)
 
 
 @hookimpl
 def check(target: Target) -> dict[str, Any]:
-    mode, stop_balancer = _settings(target)
-    with _connected(target) as client:
-        build = _run(target, client, "reading the server version (buildInfo)", _cmd("buildInfo"))
+    s = settings(target)
+    mode, stop_balancer = s.mode, s.stop_balancer
+    with connected(target) as client:
+        build = run(target, client, "reading the server version (buildInfo)", cmd("buildInfo"))
         version = _version(str(build.get("version", "0")))
         member = _member(_hello(target, client))
         facts: dict[str, Any] = {"version": build.get("version"), "mode": mode, **member}
         if stop_balancer and member["member"] != "mongos":
-            raise TargetError(f"stop_balancer = true needs a mongos, but {_where(target)} is "
+            raise TargetError(f"stop_balancer = true needs a mongos, but {endpoint(target)} is "
                               f"a {member['member']}; point the URI at a mongos or remove "
                               f"stop_balancer")
         if mode == "lock" or member["member"] == "arbiter":
@@ -421,31 +261,31 @@ def check(target: Target) -> dict[str, Any]:
         facts.update(_check_privileges(target, client, mode, member, stop_balancer))
         try:
             status = client.admin.command("serverStatus")
-        except _driver().errors.PyMongoError as e:
+        except driver().errors.PyMongoError as e:
             if getattr(e, "code", None) == UNAUTHORIZED and facts["user"] is None:
                 role = _role_definition(_role_actions(mode, member["member"] == "mongos"),
                                         stop_balancer, "USER", "admin")
                 raise TargetError(
-                    f"{_where(target)} requires authentication and the URI logs in as nobody; "
+                    f"{endpoint(target)} requires authentication and the URI logs in as nobody; "
                     f"create a user with this role and put mongodb://USER:PASSWORD@"
-                    f"{_uri_hosts(_uri(target))}/?authSource=admin in uri_file: {role}") from None
-            raise _translate(target, "reading serverStatus", e) from None
+                    f"{uri_hosts(s.uri)}/?authSource=admin in uri_file: {role}") from None
+            raise translate(target, "reading serverStatus", e) from None
         engine = status.get("storageEngine") or {}
         if engine.get("name"):
             facts["storage_engine"] = engine["name"]
         if engine.get("persistent") is False:
-            raise TargetError(f"{_where(target)} runs the {engine.get('name')} storage engine, "
+            raise TargetError(f"{endpoint(target)} runs the {engine.get('name')} storage engine, "
                               f"which keeps no data on disk: a disk snapshot holds nothing to "
                               f"restore; remove this target")
         if member.get("replica_set") and member["member"] != "mongos":
-            rs = _run(target, client, "reading the replica set status (replSetGetStatus)",
-                      _cmd("replSetGetStatus"))
+            rs = run(target, client, "reading the replica set status (replSetGetStatus)",
+                      cmd("replSetGetStatus"))
             lag = _replication_lag(rs)
             if lag is not None:
                 facts["replication_lag_s"] = lag
         if stop_balancer:
-            balancer = _run(target, client, "reading the balancer state (balancerStatus)",
-                            _cmd("balancerStatus"))
+            balancer = run(target, client, "reading the balancer state (balancerStatus)",
+                            cmd("balancerStatus"))
             facts["balancer"] = balancer.get("mode")
         if mode == "lock":
             locked = _fsync_locked(target, client, member["member"])
@@ -458,27 +298,27 @@ def check(target: Target) -> dict[str, Any]:
 
 def _already_locked(target: Target) -> TargetError:
     return TargetError(
-        f"{_where(target)} is already fsync-locked by another client; quiesce does not nest "
+        f"{endpoint(target)} is already fsync-locked by another client; quiesce does not nest "
         f"on a lock it did not take. Find the holder with db.currentOp(), and once its backup "
         f"is done release it with db.fsyncUnlock()")
 
 
 @hookimpl
 def flush(target: Target) -> dict[str, Any]:
-    with _connected(target) as client:
-        _run(target, client, "flushing to disk (fsync)", _cmd("fsync"))
+    with connected(target) as client:
+        run(target, client, "flushing to disk (fsync)", cmd("fsync"))
     return {"checkpoint": "done"}
 
 
 def _stop_balancer(target: Target, client) -> bool:
     """Stop the balancer unless an operator had; true when we stopped it."""
-    status = _run(target, client, "reading the balancer state (balancerStatus)",
-                  _cmd("balancerStatus"))
+    status = run(target, client, "reading the balancer state (balancerStatus)",
+                  cmd("balancerStatus"))
     if status.get("mode") == "off":
         return False  # someone else stopped it: they start it again, not us
     try:
-        _run(target, client, "stopping the balancer (balancerStop)",
-             _cmd("balancerStop", maxTimeMS=max(1, int(target.timeout * 1000))))
+        run(target, client, "stopping the balancer (balancerStop)",
+             cmd("balancerStop", maxTimeMS=max(1, int(target.timeout * 1000))))
     except TargetError:
         # The server turns the mode off before it waits for the round to end: a stop that
         # timed out may still have stopped it. Never leave it off behind a failure.
@@ -490,8 +330,8 @@ def _stop_balancer(target: Target, client) -> bool:
 def _start_balancer(target: Target, client) -> str | None:
     """Start the balancer again; an error message, or None."""
     try:
-        _run(target, client, "starting the balancer again (balancerStart)",
-             _cmd("balancerStart", maxTimeMS=max(1, int(target.timeout * 1000))))
+        run(target, client, "starting the balancer again (balancerStart)",
+             cmd("balancerStart", maxTimeMS=max(1, int(target.timeout * 1000))))
     except TargetError as e:
         return f"{e}; the balancer stays stopped until you run sh.startBalancer()"
     return None
@@ -499,16 +339,17 @@ def _start_balancer(target: Target, client) -> str | None:
 
 @hookimpl
 def quiesce(target: Target) -> Hold | None:
-    mode, stop_balancer = _settings(target)
+    s = settings(target)
+    mode, stop_balancer = s.mode, s.stop_balancer
     if mode == "journal" and not stop_balancer:
         return None  # the checkpoint was the flush; nothing to hold
-    with _connected(target) as client:
-        facts: dict[str, Any] = {"mode": mode, "server": _uri_hosts(_uri(target))}
+    with connected(target) as client:
+        facts: dict[str, Any] = {"mode": mode, "server": uri_hosts(s.uri)}
         version: tuple[int, ...] = ()
         member = {"member": "mongos"} if stop_balancer else {"member": "unknown"}
         if mode == "lock":
-            build = _run(target, client, "reading the server version (buildInfo)",
-                         _cmd("buildInfo"))
+            build = run(target, client, "reading the server version (buildInfo)",
+                         cmd("buildInfo"))
             version = _version(str(build.get("version", "0")))
             hello = _hello(target, client)
             member = _member(hello)
@@ -534,8 +375,8 @@ def quiesce(target: Target) -> Hold | None:
 
 def _lock(target: Target, client, member: str, version: tuple[int, ...]) -> dict[str, Any]:
     """Take one fsync lock and prove it is the only one; leave nothing behind on failure."""
-    errors = _driver().errors
-    command = _cmd("fsync", lock=True)
+    errors = driver().errors
+    command = cmd("fsync", lock=True)
     if version >= ACQUISITION_TIMEOUT_SINCE:
         # Honoured on the mongos path (7.x); a direct mongod waits on the client's timeout.
         command["fsyncLockAcquisitionTimeoutMillis"] = max(1, int(target.timeout * 1000))
@@ -543,11 +384,11 @@ def _lock(target: Target, client, member: str, version: tuple[int, ...]) -> dict
         reply = client.admin.command(command)
     except errors.ConnectionFailure as e:
         # The server may still be waiting for the lock and take it after we gave up.
-        raise TargetError(f"could not take the fsync lock on {_where(target)} within "
-                          f"{target.timeout:g} s ({_reason(e)}); "
+        raise TargetError(f"could not take the fsync lock on {endpoint(target)} within "
+                          f"{target.timeout:g} s ({reason(e)}); "
                           f"{_release_pending(target, client, member)}") from None
     except errors.OperationFailure as e:
-        raise TargetError(f"the fsync lock failed on {_where(target)}: {_reason(e)}; "
+        raise TargetError(f"the fsync lock failed on {endpoint(target)}: {reason(e)}; "
                           f"nothing was left locked (a failed fsync lock resets its count)"
                           ) from None
     counts = _lock_counts(reply, member)
@@ -555,7 +396,7 @@ def _lock(target: Target, client, member: str, version: tuple[int, ...]) -> dict
         # Someone else locked between our currentOp and our lock: give ours back.
         released = _unlock_once(target, client, member)
         raise TargetError(
-            f"another client took an fsync lock on {_where(target)} at the same moment "
+            f"another client took an fsync lock on {endpoint(target)} at the same moment "
             f"(lock count {_show(counts)} after ours); released ours ({released}) and left "
             f"theirs: retry once their backup is done")
     facts: dict[str, Any] = {"locked": True, "locked_at": round(time.time(), 3),
@@ -576,8 +417,8 @@ def _show(counts: dict[str, int]) -> str:
 def _unlock_once(target: Target, client, member: str) -> str:
     try:
         reply = client.admin.command("fsyncUnlock")
-    except _driver().errors.PyMongoError as e:
-        return (f"fsyncUnlock failed: {_reason(e)}; run db.fsyncUnlock() on it once by hand")
+    except driver().errors.PyMongoError as e:
+        return (f"fsyncUnlock failed: {reason(e)}; run db.fsyncUnlock() on it once by hand")
     return f"lock count now {_show(_lock_counts(reply, member))}"
 
 
@@ -588,16 +429,16 @@ def _release_pending(target: Target, client, member: str) -> str:
     count off: our request's. If the lock request had failed, the count is 0 and the
     server answers "not locked".
     """
-    errors = _driver().errors
+    errors = driver().errors
     try:
         reply = client.admin.command("fsyncUnlock")
     except errors.OperationFailure as e:
         if "not locked" in str(e):
             return "nothing was left locked"
-        return (f"releasing it failed ({_reason(e)}): check db.currentOp().fsyncLock on it and "
+        return (f"releasing it failed ({reason(e)}): check db.currentOp().fsyncLock on it and "
                 f"run db.fsyncUnlock() if it is true")
     except errors.PyMongoError as e:
-        return (f"releasing it got no answer either ({_reason(e)}): the server may still take "
+        return (f"releasing it got no answer either ({reason(e)}): the server may still take "
                 f"the lock; check db.currentOp().fsyncLock on it and run db.fsyncUnlock() if "
                 f"it is true")
     return (f"the request was granted after we gave up and was released (lock count now "
@@ -607,7 +448,7 @@ def _release_pending(target: Target, client, member: str) -> str:
 @hookimpl
 def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     facts = hold.facts if hold is not None else {}
-    mode, _ = _settings(target)
+    mode = settings(target).mode
     if facts.get("thawed"):
         return None  # released by an earlier call: thaw is idempotent
     locked, balancer = bool(facts.get("locked")), bool(facts.get("balancer_stopped"))
@@ -618,7 +459,7 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     result: dict[str, Any] = {}
     failures: list[str] = []
     broken: list[str] = []
-    client = _client(target)
+    client = open_client(target)
     try:
         if locked:
             try:
@@ -649,8 +490,8 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
 
 def _release(target: Target, client, facts: dict[str, Any]) -> dict[str, Any]:
     """Release the one fsync lock quiesce took, verifying it is still ours to release."""
-    errors = _driver().errors
-    where = _where(target)
+    errors = driver().errors
+    where = endpoint(target)
     member = facts.get("member", "unknown")
     try:
         hello = client.admin.command("hello")
@@ -658,7 +499,7 @@ def _release(target: Target, client, facts: dict[str, Any]) -> dict[str, Any]:
         hello = {}
     except errors.ConnectionFailure as e:
         raise TargetError(
-            f"cannot reach {where} to release the fsync lock ({_reason(e)}): if mongod still "
+            f"cannot reach {where} to release the fsync lock ({reason(e)}): if mongod still "
             f"runs it stays locked (writes blocked) until released; run `quiesce thaw` again, "
             f"or db.fsyncUnlock() on it. If it stopped, the lock went with it and the "
             f"snapshot is only crash-consistent") from None
@@ -674,12 +515,12 @@ def _release(target: Target, client, facts: dict[str, Any]) -> dict[str, Any]:
         reply = client.admin.command("fsyncUnlock")
     except errors.OperationFailure as e:
         if "not locked" in str(e):
-            raise HoldBroken(f"{where} was no longer fsync-locked at thaw ({_reason(e)}): the "
+            raise HoldBroken(f"{where} was no longer fsync-locked at thaw ({reason(e)}): the "
                              f"snapshot is only crash-consistent") from None
-        raise TargetError(f"fsyncUnlock failed on {where}: {_reason(e)}; it stays locked "
+        raise TargetError(f"fsyncUnlock failed on {where}: {reason(e)}; it stays locked "
                           f"(writes blocked): run db.fsyncUnlock() on it once") from None
     except errors.ConnectionFailure as e:
-        raise TargetError(f"fsyncUnlock got no answer from {where} ({_reason(e)}): the lock "
+        raise TargetError(f"fsyncUnlock got no answer from {where} ({reason(e)}): the lock "
                           f"may still be held; check db.currentOp().fsyncLock and run "
                           f"db.fsyncUnlock() once if it is true") from None
     facts["locked"] = False  # our one count is off: never send a second unlock for it
@@ -703,12 +544,12 @@ def _check_nothing_left(target: Target) -> dict[str, Any]:
     A lock we cannot attribute is never released here (it may be another backup's), but
     it is reported: a mongod left locked blocks every write until someone unlocks it.
     """
-    with _connected(target) as client:
+    with connected(target) as client:
         member = _member(_hello(target, client))["member"]
         locked = _fsync_locked(target, client, member)
     if locked:
         raise TargetError(
-            f"{_where(target)} is fsync-locked (writes blocked) and quiesce has no record of "
+            f"{endpoint(target)} is fsync-locked (writes blocked) and quiesce has no record of "
             f"taking that lock (its quiesce was interrupted, or the record was lost); if no "
             f"other backup is running, release it with db.fsyncUnlock() until lockCount is 0")
     return {"fsync_locked": locked}

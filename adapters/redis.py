@@ -32,11 +32,12 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from quiesce import Hold, HoldBroken, MissingDriverError, Target, TargetError, hookimpl
+from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl, import_driver
 
 DEFAULT_URL = "redis://localhost:6379"
 #: The server's own config on Debian/Ubuntu and RHEL 9, then RHEL 8: where a stock install
@@ -49,14 +50,6 @@ POLL = 0.05  # seconds between INFO polls while waiting for a child process
 
 
 # --- settings -------------------------------------------------------------------------
-
-def _mode(target: Target) -> str:
-    return target.option("mode", str, default="pause", choices=MODES)
-
-
-def _aof_rewrite(target: Target) -> bool:
-    return target.option("aof_rewrite", bool, default=False)
-
 
 def default_url() -> str:
     """Without a url: the server's socket when its config names one that exists, else
@@ -113,8 +106,8 @@ def _parse_url(target: Target) -> dict[str, Any]:
     return kwargs
 
 
-def _connect_kwargs(target: Target) -> dict[str, Any]:
-    """Everything the client needs, read through the Target API (validate calls this)."""
+def _client_kwargs(target: Target) -> dict[str, Any]:
+    """Everything the client needs to connect, read through the Target API."""
     kwargs = _parse_url(target)
     username = target.option("username", str, default=None)
     if username is not None:
@@ -140,37 +133,43 @@ def _connect_kwargs(target: Target) -> dict[str, Any]:
     return kwargs
 
 
-def _where(target: Target) -> str:
-    """The URL for messages; it can hold no password (validate refuses that)."""
-    return target.settings.get("url") or default_url()
+@dataclass(frozen=True)
+class Settings:
+    """A target's settings, read and checked, with the limits the hooks use."""
+
+    mode: str
+    aof_rewrite: bool
+    client: dict[str, Any]  # keyword arguments for redis.Redis (may hold the password)
+    where: str              # the URL, for messages: it can hold no password
+    user: str               # the ACL user, for GRANT advice
+    timeout: float
+
+    def __repr__(self) -> str:  # never show the password
+        return f"Settings(mode={self.mode!r}, where={self.where!r}, user={self.user!r})"
 
 
-def _user(target: Target) -> str:
-    kwargs = _parse_url(target)
-    return target.settings.get("username") or kwargs.get("username") or "default"
+def settings(target: Target) -> Settings:
+    """Read (and check) every setting. Used by validate and again by each hook."""
+    client = _client_kwargs(target)
+    return Settings(mode=target.option("mode", str, default="pause", choices=MODES),
+                    aof_rewrite=target.option("aof_rewrite", bool, default=False),
+                    client=client,
+                    where=target.option("url", str, default=None) or default_url(),
+                    user=client.get("username") or "default", timeout=target.timeout)
 
 
 @hookimpl
 def validate(target: Target) -> None:
-    _connect_kwargs(target)
-    _mode(target)
-    _aof_rewrite(target)
+    settings(target)
 
 
 # --- talking to Redis -----------------------------------------------------------------
 
 def _redis():
-    try:
-        import redis
-        import redis.backoff
-        import redis.exceptions
-        import redis.retry
-    except ImportError:
-        raise MissingDriverError("redis", "redis") from None
-    return redis
+    return import_driver("redis", "redis", "backoff", "exceptions", "retry")
 
 
-def _connect(target: Target):
+def _connect(s: Settings):
     """One connection, no retries (a retried BGSAVE or PAUSE is not what was asked)."""
     redis = _redis()
     try:
@@ -178,16 +177,16 @@ def _connect(target: Target):
         # auth errors get their own messages (no PING: Redis refuses it while a failed
         # save stops writes).
         return redis.Redis(
-            **_connect_kwargs(target),
-            socket_timeout=target.timeout, socket_connect_timeout=target.timeout,
+            **s.client,
+            socket_timeout=s.timeout, socket_connect_timeout=s.timeout,
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
             single_connection_client=True, decode_responses=True, protocol=2)
     except redis.exceptions.AuthenticationError as e:
-        raise TargetError(f"Redis at {_where(target)} refused user {_user(target)!r} ({e}); "
+        raise TargetError(f"Redis at {s.where} refused user {s.user!r} ({e}); "
                           f"check username and password_file") from None
     except redis.exceptions.RedisError as e:
-        raise TargetError(f"cannot connect to Redis at {_where(target)} within "
-                          f"{target.timeout:g} s: {e}; check url and that Redis is "
+        raise TargetError(f"cannot connect to Redis at {s.where} within "
+                          f"{s.timeout:g} s: {e}; check url and that Redis is "
                           f"running") from None
 
 
@@ -251,7 +250,7 @@ def _busy(p: dict[str, Any]) -> list[str]:
     return busy
 
 
-def _wait_idle(client, target: Target, deadline: _Deadline, doing: str) -> dict[str, Any]:
+def _wait_idle(client, s: Settings, deadline: _Deadline, doing: str) -> dict[str, Any]:
     """Poll INFO persistence until no save or rewrite runs; bounded by *deadline*."""
     while True:
         p = _info(client, "persistence")
@@ -260,18 +259,18 @@ def _wait_idle(client, target: Target, deadline: _Deadline, doing: str) -> dict[
             return p
         if deadline.passed():
             raise TargetError(f"{' and '.join(busy)} still running on Redis at "
-                              f"{_where(target)} after {deadline.seconds:g} s ({doing}); it "
+                              f"{s.where} after {deadline.seconds:g} s ({doing}); it "
                               f"goes on in the background. Raise the target's timeout to "
                               f"cover a full save of this dataset, or retry later")
         time.sleep(POLL)
 
 
-def _bgsave(client, target: Target, deadline: _Deadline, doing: str) -> dict[str, Any]:
+def _bgsave(client, s: Settings, deadline: _Deadline, doing: str) -> dict[str, Any]:
     """BGSAVE (not SCHEDULE), wait until it ends, refuse a failed save. Returns facts."""
     errors = _errors()
     started = time.monotonic()
     while True:
-        before = _wait_idle(client, target, deadline, doing)
+        before = _wait_idle(client, s, deadline, doing)
         try:
             client.execute_command("BGSAVE")
             break
@@ -279,12 +278,12 @@ def _bgsave(client, target: Target, deadline: _Deadline, doing: str) -> dict[str
             # A save or rewrite started between our INFO and BGSAVE: wait and retry.
             if ("progress" not in str(e) and "child process" not in str(e)) or (
                     deadline.passed()):
-                raise TargetError(f"BGSAVE failed on Redis at {_where(target)}: {e}") from None
+                raise TargetError(f"BGSAVE failed on Redis at {s.where}: {e}") from None
             time.sleep(POLL)
-    after = _wait_idle(client, target, deadline, doing)
+    after = _wait_idle(client, s, deadline, doing)
     if after.get("rdb_last_bgsave_status") != "ok" or (
             "rdb_saves" in before and after.get("rdb_saves", 0) <= before["rdb_saves"]):
-        raise TargetError(f"the background save on Redis at {_where(target)} failed "
+        raise TargetError(f"the background save on Redis at {s.where} failed "
                           f"(rdb_last_bgsave_status:{after.get('rdb_last_bgsave_status')}); "
                           f"the RDB on disk is not current. See the Redis log (disk full? "
                           f"dir not writable?), fix it, and run BGSAVE to confirm")
@@ -292,45 +291,45 @@ def _bgsave(client, target: Target, deadline: _Deadline, doing: str) -> dict[str
             "last_save": _iso(int(after.get("rdb_last_save_time", 0)) * 1000)}
 
 
-def _bgrewriteaof(client, target: Target, deadline: _Deadline) -> float:
+def _bgrewriteaof(client, s: Settings, deadline: _Deadline) -> float:
     started = time.monotonic()
-    _wait_idle(client, target, deadline, "before BGREWRITEAOF")
+    _wait_idle(client, s, deadline, "before BGREWRITEAOF")
     try:
         client.execute_command("BGREWRITEAOF")
     except _errors().ResponseError as e:
-        raise TargetError(f"BGREWRITEAOF failed on Redis at {_where(target)}: {e}") from None
-    after = _wait_idle(client, target, deadline, "waiting for BGREWRITEAOF")
+        raise TargetError(f"BGREWRITEAOF failed on Redis at {s.where}: {e}") from None
+    after = _wait_idle(client, s, deadline, "waiting for BGREWRITEAOF")
     if after.get("aof_last_bgrewrite_status") != "ok":
-        raise TargetError(f"the AOF rewrite on Redis at {_where(target)} failed "
+        raise TargetError(f"the AOF rewrite on Redis at {s.where} failed "
                           f"(aof_last_bgrewrite_status:"
                           f"{after.get('aof_last_bgrewrite_status')}); see the Redis log")
     return round(time.monotonic() - started, 3)
 
 
-def _check_aof(p: dict[str, Any], target: Target) -> None:
+def _check_aof(p: dict[str, Any], s: Settings) -> None:
     if p.get("aof_enabled") and p.get("aof_last_write_status", "ok") != "ok":
-        raise TargetError(f"Redis at {_where(target)} failed to write its AOF "
+        raise TargetError(f"Redis at {s.where} failed to write its AOF "
                           f"(aof_last_write_status:{p.get('aof_last_write_status')}): the log "
                           f"on disk is incomplete and Redis refuses writes. See the Redis log")
 
 
 # --- check ----------------------------------------------------------------------------
 
-def _needed(target: Target) -> list[str]:
+def _needed(s: Settings) -> list[str]:
     """The commands this adapter sends, in ACL syntax (least privilege)."""
     needed = ["info", "config|get", "bgsave"]
-    if _aof_rewrite(target):
+    if s.aof_rewrite:
         needed.append("bgrewriteaof")
-    if _mode(target) == "pause":
+    if s.mode == "pause":
         needed += ["client|pause", "client|unpause"]
     return needed + ["multi", "discard"]  # check's own harmless probe
 
 
-def _acl_line(target: Target) -> str:
-    return f"ACL SETUSER {_user(target)} " + " ".join(f"+{c}" for c in _needed(target))
+def _acl_line(s: Settings) -> str:
+    return f"ACL SETUSER {s.user} " + " ".join(f"+{c}" for c in _needed(s))
 
 
-def _missing_permissions(client, target: Target) -> list[str]:
+def _missing_permissions(client, s: Settings) -> list[str]:
     """Commands the user may not run, found without running any of them.
 
     Redis checks ACLs when a command is queued inside MULTI; DISCARD then drops the
@@ -340,7 +339,7 @@ def _missing_permissions(client, target: Target) -> list[str]:
     probes = {"bgsave": ("BGSAVE",), "bgrewriteaof": ("BGREWRITEAOF",),
               "client|pause": ("CLIENT", "PAUSE", "1", "WRITE"),
               "client|unpause": ("CLIENT", "UNPAUSE")}
-    wanted = [c for c in _needed(target) if c in probes]
+    wanted = [c for c in _needed(s) if c in probes]
     pipe = client.pipeline(transaction=False)
     pipe.execute_command("MULTI")
     for command in wanted:
@@ -355,48 +354,26 @@ def _missing_permissions(client, target: Target) -> list[str]:
     return missing
 
 
-@hookimpl
-def check(target: Target) -> dict[str, Any]:
-    errors = _errors()
-    client = _connect(target)
-    try:
-        try:
-            info = _info(client)
-            points = _save_points(client)
-            appendfsync = _config(client, "appendfsync")
-            data_dir = _config(client, "dir")
-            missing = _missing_permissions(client, target)
-        except errors.NoPermissionError as e:
-            raise TargetError(f"user {_user(target)!r} lacks a permission on Redis at "
-                              f"{_where(target)} ({e}); grant it with: "
-                              f"{_acl_line(target)}") from None
-        except errors.RedisError as e:
-            raise TargetError(f"check of Redis at {_where(target)} failed: {e}") from None
-    finally:
-        client.close()
-    if missing:
-        raise TargetError(f"user {_user(target)!r} may not run "
-                          f"{', '.join(m.upper().replace('|', ' ') for m in missing)} on Redis "
-                          f"at {_where(target)}; grant it with: {_acl_line(target)}")
-
-    version = _version(info)
-    if _mode(target) == "pause" and version < PAUSE_WRITE_SINCE:
-        raise TargetError(f"Redis {info.get('redis_version')} at {_where(target)} cannot pause "
-                          f"only writes (CLIENT PAUSE WRITE needs 6.2 or later); upgrade it, or "
-                          f"set mode = \"flush-only\" for targets.{target.name} (saves before "
-                          f"the snapshot, but does not pause writes)")
-
+def _check_facts(info: dict[str, Any], s: Settings, points: list[tuple[int, int]],
+                 appendfsync: str | None, data_dir: str | None) -> dict[str, Any]:
     aof = bool(info.get("aof_enabled"))
     facts: dict[str, Any] = {
         "redis_version": str(info.get("redis_version")),
-        "mode": _mode(target),
+        "mode": s.mode,
         "role": info.get("role"),
-        "rdb_save_points": " ".join(f"{s} {c}" for s, c in points) or "off",
+        "rdb_save_points": " ".join(f"{secs} {changes}" for secs, changes in points) or "off",
         "aof": f"on, appendfsync {appendfsync}" if aof else "off",
         "dir": data_dir,
     }
     if "valkey_version" in info:
         facts["valkey_version"] = str(info["valkey_version"])
+    return facts
+
+
+def _check_warnings(info: dict[str, Any], points: list[tuple[int, int]],
+                    appendfsync: str | None) -> list[str]:
+    """What the operator should know about this server's persistence and role."""
+    aof = bool(info.get("aof_enabled"))
     warnings = []
     if not points and not aof:
         warnings.append("NOTHING ON DISK: RDB save points and AOF are both off, so a restore "
@@ -413,7 +390,44 @@ def check(target: Target) -> dict[str, Any]:
     if info.get("rdb_last_bgsave_status") not in (None, "ok"):
         warnings.append("the last background save failed; flush will refuse this target "
                         "until a save succeeds (see the Redis log)")
-    _check_aof(info, target)
+    return warnings
+
+
+@hookimpl
+def check(target: Target) -> dict[str, Any]:
+    s = settings(target)
+    errors = _errors()
+    client = _connect(s)
+    try:
+        try:
+            info = _info(client)
+            points = _save_points(client)
+            appendfsync = _config(client, "appendfsync")
+            data_dir = _config(client, "dir")
+            missing = _missing_permissions(client, s)
+        except errors.NoPermissionError as e:
+            raise TargetError(f"user {s.user!r} lacks a permission on Redis at "
+                              f"{s.where} ({e}); grant it with: "
+                              f"{_acl_line(s)}") from None
+        except errors.RedisError as e:
+            raise TargetError(f"check of Redis at {s.where} failed: {e}") from None
+    finally:
+        client.close()
+    if missing:
+        raise TargetError(f"user {s.user!r} may not run "
+                          f"{', '.join(m.upper().replace('|', ' ') for m in missing)} on Redis "
+                          f"at {s.where}; grant it with: {_acl_line(s)}")
+
+    version = _version(info)
+    if s.mode == "pause" and version < PAUSE_WRITE_SINCE:
+        raise TargetError(f"Redis {info.get('redis_version')} at {s.where} cannot pause "
+                          f"only writes (CLIENT PAUSE WRITE needs 6.2 or later); upgrade it, or "
+                          f"set mode = \"flush-only\" for targets.{target.name} (saves before "
+                          f"the snapshot, but does not pause writes)")
+
+    facts = _check_facts(info, s, points, appendfsync, data_dir)
+    warnings = _check_warnings(info, points, appendfsync)
+    _check_aof(info, s)
     if warnings:
         facts["warnings"] = warnings
     return facts
@@ -423,23 +437,24 @@ def check(target: Target) -> dict[str, Any]:
 
 @hookimpl
 def flush(target: Target) -> dict[str, Any] | None:
+    s = settings(target)
     errors = _errors()
-    client = _connect(target)
+    client = _connect(s)
     try:
         deadline = _Deadline(target.timeout)
-        p = _wait_idle(client, target, deadline, "before flush")
-        _check_aof(p, target)
+        p = _wait_idle(client, s, deadline, "before flush")
+        _check_aof(p, s)
         points = _save_points(client)
         facts: dict[str, Any] = {}
-        if _aof_rewrite(target) and p.get("aof_enabled"):
-            facts["aof_rewrite_seconds"] = _bgrewriteaof(client, target, deadline)
+        if s.aof_rewrite and p.get("aof_enabled"):
+            facts["aof_rewrite_seconds"] = _bgrewriteaof(client, s, deadline)
         if points:
-            facts["bgsave"] = _bgsave(client, target, deadline, "waiting for BGSAVE")
+            facts["bgsave"] = _bgsave(client, s, deadline, "waiting for BGSAVE")
         if not points and not p.get("aof_enabled"):
             facts["warnings"] = ["NOTHING ON DISK: RDB and AOF are off; nothing was saved"]
         return facts or None
     except errors.RedisError as e:
-        raise TargetError(f"flush of Redis at {_where(target)} failed: {e}") from None
+        raise TargetError(f"flush of Redis at {s.where} failed: {e}") from None
     finally:
         client.close()
 
@@ -454,11 +469,11 @@ def _save_could_fire(points: list[tuple[int, int]], p: dict[str, Any], until_ms:
                for seconds, changes in points)
 
 
-def _settle(client, target: Target, pause_deadline_ms: int, now_ms: int) -> dict[str, Any]:
+def _settle(client, s: Settings, pause_deadline_ms: int, now_ms: int) -> dict[str, Any]:
     """Under the pause: leave disk files complete and nothing that could write later."""
     # Bounded by the timeout, and ended well before Redis ends the pause by itself.
-    deadline = _Deadline(min(target.timeout, (pause_deadline_ms - now_ms) / 1000 - 0.5))
-    p = _wait_idle(client, target, deadline, "under the write pause")
+    deadline = _Deadline(min(s.timeout, (pause_deadline_ms - now_ms) / 1000 - 0.5))
+    p = _wait_idle(client, s, deadline, "under the write pause")
     facts: dict[str, Any] = {}
     points = _save_points(client)
     dirty = p.get("rdb_changes_since_last_save", 0)
@@ -466,7 +481,7 @@ def _settle(client, target: Target, pause_deadline_ms: int, now_ms: int) -> dict
     if points and dirty and (not aof or _save_could_fire(points, p, pause_deadline_ms)):
         # The RDB is what a restore loads (AOF off), or an automatic save would start
         # while the disks are frozen: save the paused dataset now.
-        facts["final_bgsave"] = _bgsave(client, target, deadline, "final save under the pause")
+        facts["final_bgsave"] = _bgsave(client, s, deadline, "final save under the pause")
         p = _info(client, "persistence")
     else:
         facts["final_bgsave"] = "not needed"
@@ -476,17 +491,17 @@ def _settle(client, target: Target, pause_deadline_ms: int, now_ms: int) -> dict
         # buffer to drain so the file holds them all (the freeze makes them durable).
         while p.get("aof_buffer_length", 0):
             if deadline.passed():
-                raise TargetError(f"the AOF buffer of Redis at {_where(target)} was not "
+                raise TargetError(f"the AOF buffer of Redis at {s.where} was not "
                                   f"written out within {deadline.seconds:g} s (slow disk?)")
             time.sleep(POLL)
             p = _info(client, "persistence")
-        _check_aof(p, target)
+        _check_aof(p, s)
     return facts
 
 
-def _unpause_after_failure(target: Target, deadline_ms: int) -> str:
+def _unpause_after_failure(s: Settings, deadline_ms: int) -> str:
     try:
-        client = _connect(target)
+        client = _connect(s)
         try:
             client.execute_command("CLIENT", "UNPAUSE")
         finally:
@@ -498,11 +513,12 @@ def _unpause_after_failure(target: Target, deadline_ms: int) -> str:
 
 @hookimpl
 def quiesce(target: Target) -> Hold | None:
-    if _mode(target) == "flush-only":
+    s = settings(target)
+    if s.mode == "flush-only":
         return None
     errors = _errors()
     ms = max(1, math.ceil(target.max_hold * 1000))
-    client = _connect(target)
+    client = _connect(s)
     deadline_ms = None
     try:
         server = _info(client, "server")
@@ -515,23 +531,23 @@ def quiesce(target: Target) -> Hold | None:
             client.execute_command("CLIENT", "PAUSE", ms, "WRITE")
         except errors.ResponseError as e:
             deadline_ms = None  # refused: nothing is paused
-            raise TargetError(f"CLIENT PAUSE {ms} WRITE failed on Redis at {_where(target)}: "
+            raise TargetError(f"CLIENT PAUSE {ms} WRITE failed on Redis at {s.where}: "
                               f"{e} (Redis 6.2 or later is needed; see mode = "
                               f"\"flush-only\")") from None
         facts = {"pause_ms": ms, "pause_deadline": _iso(deadline_ms),
                  "pause_deadline_ms": deadline_ms, "run_id": server.get("run_id")}
-        facts.update(_settle(client, target, deadline_ms, before_ms))
+        facts.update(_settle(client, s, deadline_ms, before_ms))
         return Hold(session=None, facts=facts)
     except BaseException as e:
         if deadline_ms is not None:
-            released = _unpause_after_failure(target, deadline_ms)
+            released = _unpause_after_failure(s, deadline_ms)
             if isinstance(e, errors.RedisError):
-                raise TargetError(f"quiesce of Redis at {_where(target)} failed: {e}; "
+                raise TargetError(f"quiesce of Redis at {s.where} failed: {e}; "
                                   f"{released}") from None
             if isinstance(e, TargetError):
                 raise TargetError(f"{e}; {released}") from None
         elif isinstance(e, errors.RedisError):
-            raise TargetError(f"quiesce of Redis at {_where(target)} failed: {e}") from None
+            raise TargetError(f"quiesce of Redis at {s.where} failed: {e}") from None
         raise
     finally:
         client.close()
@@ -539,13 +555,14 @@ def quiesce(target: Target) -> Hold | None:
 
 @hookimpl
 def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
+    s = settings(target)
     facts = hold.facts or {}
-    if _mode(target) == "flush-only" and "pause_deadline_ms" not in facts:
+    if s.mode == "flush-only" and "pause_deadline_ms" not in facts:
         return None  # nothing was paused
     errors = _errors()
     deadline_ms = facts.get("pause_deadline_ms")
     try:
-        client = _connect(target)
+        client = _connect(s)
     except TargetError as e:
         later = f"; Redis ends the pause by itself at {_iso(deadline_ms)}" if deadline_ms else ""
         raise TargetError(f"{e}{later}") from None
@@ -558,7 +575,7 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
         pipe.info("server")
         clients, _, server = pipe.execute()
     except errors.RedisError as e:
-        raise TargetError(f"CLIENT UNPAUSE failed on Redis at {_where(target)}: {e}"
+        raise TargetError(f"CLIENT UNPAUSE failed on Redis at {s.where}: {e}"
                           + (f"; Redis ends the pause by itself at {_iso(deadline_ms)}"
                              if deadline_ms else "")) from None
     finally:
@@ -566,7 +583,7 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     now_ms = _server_ms(server)
     result = {"unpaused_at": _iso(now_ms)}
     if facts.get("run_id") and server.get("run_id") != facts["run_id"]:
-        raise HoldBroken(f"Redis at {_where(target)} restarted during the hold (run_id "
+        raise HoldBroken(f"Redis at {s.where} restarted during the hold (run_id "
                          f"changed), which ended the pause: the snapshot may contain writes "
                          f"made after the freeze")
     if deadline_ms is not None and now_ms >= deadline_ms:
@@ -574,7 +591,7 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
                          f"snapshot may contain writes made after the freeze (raise the "
                          f"target's max_hold if the snapshot takes longer)")
     if deadline_ms is not None and clients.get("paused_actions") == "none":
-        raise HoldBroken(f"the pause on {_where(target)} had already ended before thaw (another "
+        raise HoldBroken(f"the pause on {s.where} had already ended before thaw (another "
                          f"client's CLIENT UNPAUSE?): the snapshot may contain writes made "
                          f"after the freeze")
     if deadline_ms is not None:

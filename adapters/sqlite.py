@@ -16,7 +16,8 @@ thaw     ``ROLLBACK`` only: it writes nothing. The connection is *not* closed, b
          safe) or until the next flush, a phase in which writing is safe.
 
 Settings: ``path`` (required), ``busy_timeout`` (seconds to wait for a writer to finish
-before giving up; at most, and by default, the target's ``timeout``).
+before giving up; at most, and by default, the target's ``timeout``), read in one place,
+:func:`settings`, called by validate and by every hook.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 
-from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
+from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl, translated
 
 
 RETRY_INTERVAL = 0.001  # between lock attempts: a tight-loop writer leaves gaps this short
@@ -37,50 +39,59 @@ _parked: list[sqlite3.Connection] = []
 _parked_lock = threading.Lock()
 
 
-def _busy_timeout(target: Target) -> float:
-    return target.option("busy_timeout", float, default=target.timeout)
+@dataclass(frozen=True)
+class Settings:
+    """A target's settings, read and checked."""
+
+    path: str
+    busy_timeout: float
+
+
+def settings(target: Target) -> Settings:
+    """Read (and check) every setting. Used by validate and again by each hook."""
+    path = target.option("path", str)
+    if not os.path.isabs(path):
+        raise target.error("path", f"must be an absolute path, got {path!r}")
+    busy_timeout = target.option("busy_timeout", float, default=target.timeout)
+    if not 0 < busy_timeout <= target.timeout:
+        # longer, the core would abandon quiesce while its lock wait could still succeed
+        raise target.error("busy_timeout", f"must be above 0 and at most the target's "
+                                           f"timeout ({target.timeout:g} s)")
+    return Settings(path, busy_timeout)
 
 
 @hookimpl
 def validate(target: Target) -> None:
-    path = target.option("path", str)
-    if not os.path.isabs(path):
-        raise target.error("path", f"must be an absolute path, got {path!r}")
-    if not 0 < _busy_timeout(target) <= target.timeout:
-        # longer, the core would abandon quiesce while its lock wait could still succeed
-        raise target.error("busy_timeout", f"must be above 0 and at most the target's "
-                                           f"timeout ({target.timeout:g} s)")
+    settings(target)
 
 
-def _connect(target: Target, *, read_only: bool = False,
+def _connect(target: Target, s: Settings, *, read_only: bool = False,
              timeout: float | None = None) -> sqlite3.Connection:
-    path = target.settings["path"]
+    path = s.path
     if not os.path.exists(path):
         raise TargetError(f"{path} does not exist; fix targets.{target.name}.path")
     mode = "ro" if read_only else "rw"
-    timeout = _busy_timeout(target) if timeout is None else timeout
-    try:
+    timeout = s.busy_timeout if timeout is None else timeout
+    with translated(sqlite3.Error, f"cannot open {path}"):
         # isolation_level=None: we issue BEGIN/ROLLBACK ourselves, nothing implicit.
         # quoted: a '#' or '?' in the path would otherwise open (and lock) another file
         return sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode={mode}", uri=True,
                                timeout=timeout, isolation_level=None,
                                check_same_thread=False)
-    except sqlite3.Error as e:
-        raise TargetError(f"cannot open {path}: {e}") from e
 
 
 @hookimpl
 def check(target: Target) -> dict:
-    conn = _connect(target, read_only=True)
+    s = settings(target)
+    conn = _connect(target, s, read_only=True)
     try:
-        journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        conn.execute("PRAGMA schema_version").fetchone()  # fails on a non-database file
-    except sqlite3.Error as e:
-        raise TargetError(f"{target.settings['path']} is not a usable SQLite database: {e}") from e
+        with translated(sqlite3.Error, f"{s.path} is not a usable SQLite database"):
+            journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            conn.execute("PRAGMA schema_version").fetchone()  # fails on a non-database file
     finally:
         conn.close()
-    if not os.access(target.settings["path"], os.W_OK):
-        raise TargetError(f"{target.settings['path']} is not writable by this user; the "
+    if not os.access(s.path, os.W_OK):
+        raise TargetError(f"{s.path} is not writable by this user; the "
                           f"write lock needs write access (run quiesce as the file's owner or root)")
     return {"sqlite_version": sqlite3.sqlite_version, "journal_mode": journal_mode}
 
@@ -97,12 +108,13 @@ def _close_parked() -> None:
 
 @hookimpl
 def flush(target: Target) -> dict | None:
+    s = settings(target)
     _close_parked()
-    conn = _connect(target)
+    conn = _connect(target, s)
     try:
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             return None
-        wal = target.settings["path"] + "-wal"
+        wal = s.path + "-wal"
         wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the work, without blocking writers
         # TRUNCATE holds the write lock while it waits for readers: never wait here.
@@ -113,24 +125,25 @@ def flush(target: Target) -> dict | None:
         return {"wal_checkpoint": "partial" if busy else "complete",
                 "wal_bytes_before": wal_bytes}
     except sqlite3.Error as e:
-        raise TargetError(f"WAL checkpoint of {target.settings['path']} failed: {e}") from e
+        raise TargetError(f"WAL checkpoint of {s.path} failed: {e}") from e
     finally:
         conn.close()
 
 
 @hookimpl
 def quiesce(target: Target) -> Hold:
-    conn = _connect(target, timeout=0)  # no busy handler: _begin_immediate retries itself
+    s = settings(target)
+    conn = _connect(target, s, timeout=0)  # no busy handler: _begin_immediate retries itself
     try:
-        attempts = _begin_immediate(conn, _busy_timeout(target))
+        attempts = _begin_immediate(conn, s.busy_timeout)
     except sqlite3.Error as e:
         conn.close()
-        raise TargetError(f"cannot take the write lock on {target.settings['path']}: {e}") from e
+        raise TargetError(f"cannot take the write lock on {s.path}: {e}") from e
     if attempts is not None:
         conn.close()
-        raise TargetError(f"could not take the write lock on {target.settings['path']} within "
-                          f"{_busy_timeout(target):g} s: it was busy at each of {attempts} "
-                          f"attempts; {_who_holds(target.settings['path'])}. Raise "
+        raise TargetError(f"could not take the write lock on {s.path} within "
+                          f"{s.busy_timeout:g} s: it was busy at each of {attempts} "
+                          f"attempts; {_who_holds(s.path)}. Raise "
                           f"busy_timeout, or retry")
     return Hold(session=conn)
 
@@ -162,7 +175,7 @@ def thaw(target: Target, hold: Hold) -> None:
     with _parked_lock:
         _parked.append(conn)  # never closed here: closing may write (see the module doc)
     if not conn.in_transaction:
-        raise HoldBroken(f"the write lock on {target.settings['path']} was not held at thaw")
+        raise HoldBroken(f"the write lock on {settings(target).path} was not held at thaw")
     conn.execute("ROLLBACK")
 
 

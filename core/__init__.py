@@ -8,6 +8,7 @@ import pluggy
 
 from .errors import (AdapterConflictError, AdapterLoadError, BusyError, ConfigError,
                      HoldBroken, MissingDriverError, QuiesceError, TargetError)
+from .drivers import import_driver, one_line, translated
 from .hookspecs import PROJECT
 from .target import Hold, Target
 
@@ -26,4 +27,7 @@ __all__ = [
     "Target",
     "TargetError",
     "hookimpl",
+    "import_driver",
+    "one_line",
+    "translated",
 ]

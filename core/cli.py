@@ -1,4 +1,5 @@
-"""The ``quiesce`` command: the freeze/thaw cycle, the snapshot hosts, and restore help."""
+"""The ``quiesce`` command: the freeze/thaw cycle, the snapshot hosts, and the commands
+adapters add (``register_commands``)."""
 
 from __future__ import annotations
 
@@ -129,7 +130,54 @@ HOLDER_LOGGED = {"frozen", "thawed"}
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 
 
-@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+def emit_result(action: str, result: dict, as_json: bool, started: float) -> None:
+    """Report an adapter command's successful *result* like the core's commands, and exit 0:
+    one ``key: value`` line each, or with --json the report with the result in it."""
+    emit({"ok": True, "action": action, "outcomes": [],
+          "message": "\n".join(f"{k}: {v}" for k, v in result.items()), "result": result},
+         as_json, started)
+
+
+class CoreAndAdapterCommands(click.Group):
+    """The core's commands, plus those adapters add through ``register_commands``.
+
+    Adapters are loaded for that only when a name is not a core command, or to complete a
+    command name: ``--help`` lists the core's commands only, so it imports no adapter and
+    no driver, and a broken third-party adapter never hides the core's commands. The man
+    page lists them all (:meth:`all_commands`)."""
+
+    def _adapter_commands(self, ctx: click.Context) -> dict[str, click.Command]:
+        meta = ctx.find_root().meta  # per invocation: tests run the CLI with other envs
+        if "quiesce.adapter_commands" not in meta:
+            from .plugins import load_adapters
+            scratch = click.Group()
+            try:
+                adapters = load_adapters()
+            except QuiesceError as e:  # a conflict: the core's commands still work
+                click.echo(f"quiesce: warning: {e}", err=True)
+            else:
+                adapters.register_commands(scratch)
+                for warning in adapters.warnings:
+                    click.echo(f"quiesce: warning: {warning}", err=True)
+            meta["quiesce.adapter_commands"] = {name: cmd for name, cmd in scratch.commands.items()
+                                                if name not in self.commands}
+        return meta["quiesce.adapter_commands"]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._adapter_commands(ctx).get(name)
+
+    def all_commands(self, ctx: click.Context) -> list[str]:
+        """The core's commands and the adapters' (loading the adapters)."""
+        return sorted({*self.list_commands(ctx), *self._adapter_commands(ctx)})
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list:
+        from click.shell_completion import CompletionItem
+        return super().shell_complete(ctx, incomplete) + [
+            CompletionItem(name) for name in sorted(self._adapter_commands(ctx))
+            if name.startswith(incomplete)]
+
+
+@click.group(cls=CoreAndAdapterCommands, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--config", metavar="FILE", envvar=lean.ENV_CONFIG,
               help=f"Config file [default: {lean.DEFAULT_CONFIG}; env: {lean.ENV_CONFIG}].")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details; tracebacks on errors.")
@@ -148,6 +196,7 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
                        whether each one stayed quiesced the whole time
 
     Targets are described in one TOML file (see `quiesce example-config`).
+    Adapters may add commands of their own (see each adapter's documentation).
     """
     ctx.obj = Context(config, verbose)
 
@@ -656,35 +705,3 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
                              f"{snapshot_command[0]} exited with status {command_status}")
     lean.emit(report, as_json=as_json, started=started)
     sys.exit(command_status or lean.report_exit_code(report))
-
-
-@cli.command("restore-prepare")
-@click.argument("kind", type=click.Choice(["postgresql"]))
-@click.option("--datadir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The restored data directory (server not started).")
-@click.option("--label", "label_file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The .backup_label file thaw wrote to label_dir.")
-@click.option("--tablespace-map", type=click.Path(exists=True, dir_okay=False),
-              help="The .tablespace_map file, if the backup has tablespaces.")
-@click.option("--wal-source", type=click.Path(exists=True, file_okay=False),
-              help="A WAL archive directory; adds recovery.signal and a restore_command.")
-@click.option("--stop-lsn", help="The backup's stop LSN, if no history file or note has it.")
-@click.option("--force", is_flag=True, help="Replace an existing backup_label/recovery.signal.")
-@json_option
-@click.pass_obj
-@command
-def restore_prepare(obj: Context, kind: str, datadir: str, label_file: str, tablespace_map,
-                    wal_source, stop_lsn, force: bool, as_json: bool) -> None:
-    """Make a restored copy start from a backup-mode snapshot.
-
-    Installs the backup label next to the data, with recovery.signal when a WAL
-    archive is given. Refuses, with the reason, when the WAL the backup needs is not
-    there: a label without its WAL makes the server refuse to start.
-    """
-    from .adapters.postgresql import restore_prepare as prepare
-    started = time.monotonic()
-    result = prepare(datadir, label_file, tablespace_map, wal_source=wal_source, force=force,
-                     stop_lsn=stop_lsn)
-    emit({"ok": True, "action": "restore-prepare", "outcomes": [],
-          "message": "\n".join(f"{k}: {v}" for k, v in result.items()), "result": result},
-         as_json, started)

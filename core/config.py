@@ -10,12 +10,10 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, QuiesceError
 from .plugins import Adapters
-from .target import Target, check_private_file
+from .target import DEFAULT_MAX_HOLD, DEFAULT_TIMEOUT, Target, check_private_file
 from .thaw import DEFAULT_RUNTIME_DIR
 
 DEFAULT_LOG_FILE = "/var/log/quiesce/quiesce.log"
-DEFAULT_MAX_HOLD = 120.0
-DEFAULT_TIMEOUT = 10.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BARE_KEY = re.compile(r"^\s*\[*\s*([A-Za-z0-9_.-]+)")
 _GLOBAL_KEYS = {"max_hold", "timeout", "runtime_dir", "log_file", "on_target_failure", "targets",

@@ -1,4 +1,4 @@
-"""The adapter contract: five hooks, called by the core once per target.
+"""The adapter contract: five hooks called once per target, and one for CLI commands.
 
 Lifecycle for every configured target (``quiesce freeze`` … ``quiesce thaw``)::
 
@@ -17,6 +17,9 @@ Phases run for all targets together: every ``check``, then every ``flush``, then
 flushes. ``thaw`` runs in reverse config order. An exception raised by any hook becomes a
 failed outcome for that target only; raise :class:`quiesce.TargetError` with a message
 that says what was wrong and what to do.
+
+``register_commands`` is different: it is called once, with the ``quiesce`` command group,
+so an adapter can add its own commands (PostgreSQL adds ``restore-prepare``).
 """
 
 from __future__ import annotations
@@ -98,4 +101,27 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     lock gone, server-side deadline passed).
 
     :returns: facts for the operator (a stop LSN, a label file path), or ``None``.
+    """
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add this adapter's own commands to the ``quiesce`` command line.
+
+    *cli* is a :class:`click.Group`; add commands with ``@cli.command(...)``. Called, for
+    every adapter, only when the command line names a command the core does not have (or
+    lists them all in ``--help``), so a core command never pays for it. Import heavy
+    modules inside the command, not here. ``quiesce.cli`` offers ``command`` (one-line
+    errors and their exit codes), ``json_option`` and ``emit_result`` so an adapter's
+    command reports like the core's.
+
+    Example::
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command("example-stats")
+            @click.argument("address")
+            def stats(address):
+                "Print the server's statistics."
+                click.echo(kv.Client(address, timeout=5).request("ping"))
     """

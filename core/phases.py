@@ -56,8 +56,9 @@ def hard_limit(target: Target) -> float:
 
     Adapters bound each wait by ``target.timeout``; a hook may take a few such steps
     (connect, then lock, then a statement), so the core allows several before it gives up.
+    The Target owns the figure (:attr:`Target.call_limit`) so adapters can read it too.
     """
-    return target.timeout * 4 + 5
+    return target.call_limit
 
 
 def call(adapters: Adapters, hook: str, target: Target, *,

@@ -103,6 +103,19 @@ class Adapters:
                                      bundled, driver, driver_ver))
         return infos
 
+    def register_commands(self, cli: Any) -> None:
+        """Let every adapter add its commands to the click group *cli*.
+
+        Each adapter's hook is called on its own: one that raises is reported as a warning
+        naming its kind, and never takes the command line down."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=cli)
+            except Exception as e:
+                log.debug("register_commands of %s failed", impl.plugin_name, exc_info=True)
+                self.warnings.append(f"adapter {impl.plugin_name!r} could not add its commands "
+                                     f"({type(e).__name__}: {e}); they are unavailable")
+
     def call(self, hook: str, target: Target, **kwargs: Any) -> Any:
         """Call *hook* on the adapter for ``target.kind`` only."""
         plugin = self.pm.get_plugin(target.kind)

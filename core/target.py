@@ -11,6 +11,15 @@ from .errors import ConfigError
 
 _REQUIRED = object()
 
+#: Defaults of the ``timeout`` and ``max_hold`` settings (the config file's top level and
+#: each target); the config loader reads them from here.
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_HOLD = 120.0
+#: A hook call may take this many ``timeout``-bounded steps (connect, lock, statement, …)
+#: before the core abandons it, plus a grace for the thread and the interpreter.
+CALL_STEPS = 4
+CALL_GRACE = 5.0
+
 
 def check_private_file(path: str, *, what: str = "file", config_file: str | None = None,
                        key: str | None = None) -> None:
@@ -54,12 +63,32 @@ class Target:
     kind: str
     settings: dict[str, Any] = field(default_factory=dict)
     #: Longest any single step (connect, lock wait, statement) may take, in seconds.
-    timeout: float = 10.0
+    timeout: float = DEFAULT_TIMEOUT
     #: Longest the target may stay quiesced; the holder's watchdog releases it then.
-    max_hold: float = 120.0
+    max_hold: float = DEFAULT_MAX_HOLD
     #: The config file this target came from (for messages).
     config_file: str | None = None
     _read: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    @property
+    def call_budget(self) -> float:
+        """The time one hook call's own waits may add up to (``CALL_STEPS × timeout``).
+
+        An adapter whose single step may need longer than ``timeout`` (PostgreSQL's
+        ``pg_backup_stop`` waiting for archiving) may allow up to this much, and no more:
+        the core abandons the call soon after (:attr:`call_limit`)."""
+        return CALL_STEPS * self.timeout
+
+    @property
+    def call_limit(self) -> float:
+        """How long the core waits for one hook call on this target before abandoning it."""
+        return self.call_budget + CALL_GRACE
+
+    @staticmethod
+    def longest_call(targets: "list[Target]") -> float:
+        """The largest :attr:`call_limit` of *targets* (0 for none): how long a phase that
+        calls them all concurrently may take."""
+        return max((t.call_limit for t in targets), default=0.0)
 
     def key(self, key: str) -> str:
         return f"targets.{self.name}.{key}"
@@ -107,6 +136,11 @@ class Target:
             return None
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
+
+    def is_set(self, key: str) -> bool:
+        """Whether the config sets *key*, without reading its value (for keys that must
+        not be set, or whose absence means something else than any value)."""
+        return key in self.settings
 
     def unknown_keys(self) -> list[str]:
         return sorted(set(self.settings) - self._read)

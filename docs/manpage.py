@@ -60,7 +60,7 @@ def page() -> str:
         options(root, quiesce_cli.cli),
         ".SH COMMANDS",
     ]
-    for name in quiesce_cli.cli.list_commands(root):
+    for name in quiesce_cli.cli.all_commands(root):  # the adapters' commands too
         command = quiesce_cli.cli.get_command(root, name)
         if command is None or command.hidden:
             continue

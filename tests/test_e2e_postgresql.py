@@ -46,7 +46,7 @@ from pathlib import Path
 
 import pytest
 
-from quiesce.adapters import postgresql as pgmod
+from quiesce.adapters import postgresql_restore as pgmod
 from quiesce.thaw import read_state
 
 from .azurekit import install, rehearse, result

@@ -94,11 +94,11 @@ def test_validate_refuses_passwords_in_config_and_ambiguous_servers(adapters, tm
 
 def test_a_target_with_only_a_kind_connects_where_mongosh_would(adapters):
     """mongosh with no options: 127.0.0.1:27017, where a stock mongod.conf binds."""
-    from quiesce.adapters import mongodb
+    from quiesce.adapters import mongodb_connection
     t = quiesce.Target(name="t", kind="mongodb", settings={}, timeout=1)
     adapters.call("validate", t)
-    assert mongodb._uri(t) == "mongodb://127.0.0.1:27017/"
-    assert "127.0.0.1:27017" in mongodb._where(t)
+    assert mongodb_connection.settings(t).uri == "mongodb://127.0.0.1:27017/"
+    assert "127.0.0.1:27017" in mongodb_connection.settings(t).where
 
 
 # -- check -----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import pytest
 import quiesce
 from quiesce import ConfigError, Hold, HoldBroken, TargetError
 from quiesce.adapters import mysql as my
+from quiesce.adapters import mysql_strategies as strategies
+from quiesce.adapters import mysql_connection, mysql_options
 from quiesce.plugins import load_adapters
 
 from .helpers import run, wait_until, write_config
@@ -257,8 +259,8 @@ def client_files(tmp_path, monkeypatch, socket: str) -> None:
     home.mkdir()
     (home / ".my.cnf").write_text("[client]\nloose-user = root   # socket authentication\n")
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setattr(my.mysql_options, "DEFAULT_FILES", (str(etc / "my.cnf"), "~/.my.cnf"))
-    monkeypatch.setattr(my.mysql_options, "DEFAULT_SOCKETS", ())
+    monkeypatch.setattr(mysql_options, "DEFAULT_FILES", (str(etc / "my.cnf"), "~/.my.cnf"))
+    monkeypatch.setattr(mysql_options, "DEFAULT_SOCKETS", ())
 
 
 def test_a_target_with_only_a_kind_connects_like_the_mysql_client(adapters, db, tmp_path,
@@ -279,15 +281,15 @@ def test_a_target_with_only_a_kind_connects_like_the_mysql_client(adapters, db, 
 
 def test_without_option_files_or_a_socket_it_is_tcp_to_localhost_as_pymysql(adapters, db, tmp_path,
                                                                            monkeypatch):
-    monkeypatch.setattr(my.mysql_options, "DEFAULT_FILES", ())
-    monkeypatch.setattr(my.mysql_options, "DEFAULT_SOCKETS", (str(db.socket),))
+    monkeypatch.setattr(mysql_options, "DEFAULT_FILES", ())
+    monkeypatch.setattr(mysql_options, "DEFAULT_SOCKETS", (str(db.socket),))
     # The compiled-in default is used when no file names a socket ...
-    assert my._client_defaults(my._settings(quiesce.Target("m", "mysql", {}))) == {
+    assert mysql_connection.client_defaults(my.settings(quiesce.Target("m", "mysql", {}))) == {
         "unix_socket": str(db.socket)}
     # ... never for another host, and a target's own setting wins.
     t = quiesce.Target("m", "mysql", {"host": "127.0.0.1", "port": db.port})
-    assert my._client_defaults(my._settings(t)) == {}
-    monkeypatch.setattr(my.mysql_options, "DEFAULT_SOCKETS", ())
+    assert mysql_connection.client_defaults(my.settings(t)) == {}
+    monkeypatch.setattr(mysql_options, "DEFAULT_SOCKETS", ())
     with pytest.raises(TargetError, match="cannot connect to localhost:1: "):
         adapters.call("check", quiesce.Target("m", "mysql", {"port": 1}, timeout=2.0))
 
@@ -473,12 +475,12 @@ def test_client_read_timeout_kills_our_own_queued_lock_request(db, tmp_path, lon
     connection: a pending FTWRL must not stay queued with writers behind it."""
     long_query("UPDATE qmy.t SET v = v + SLEEP(60) WHERE id = 1")
     target = target_for(db, tmp_path, strategy="ftwrl", long_query_threshold=30, timeout=3)
-    s = my._settings(target)
-    conn = my._connect(target, s, read_timeout=1)
+    s = my.settings(target)
+    conn = my.connect(target, s, read_timeout=1)
     try:
-        server, info = my._server(conn)
-        my._rows(conn, "SET SESSION lock_wait_timeout = 60")  # the server would wait a minute
-        plan = my.lock_plan(server, "ftwrl")
+        server, info = my.server_info(conn)
+        my.query(conn, "SET SESSION lock_wait_timeout = 60")  # the server would wait a minute
+        plan = strategies.lock_plan(server, "ftwrl")
         loop = WriteLoop(db)
         with pytest.raises(TargetError) as e:
             my._attempt(target, s, conn, server, plan, info["thread_id"], info["account"], [])
@@ -487,7 +489,7 @@ def test_client_read_timeout_kills_our_own_queued_lock_request(db, tmp_path, lon
                         "'FLUSH TABLES WITH READ LOCK%%' AND COMMAND <> 'Killed'")
         worst = loop.finish()
     finally:
-        my._close(conn)
+        my.close(conn)
     assert f"session {info['thread_id']} was killed" in str(e.value)
     assert not queued, "our lock request stayed queued after the client gave up"
     assert worst < 1 + BOUND_SLACK, f"writers waited {worst:.2f} s"
@@ -541,7 +543,7 @@ def test_replica_sql_thread_stopped_during_hold_and_restarted(adapters, db, make
     hold = adapters.call("quiesce", target)
     assert not sql_running()
     replica.sql(f"KILL {int(hold.facts['thread_id'])}")
-    my._close(hold.session)
+    my.close(hold.session)
     assert adapters.call("thaw", target, hold=Hold(session=None, facts=hold.facts)) == {
         "replica_sql_thread": "started"}
     assert wait_until(sql_running, 5)
@@ -611,96 +613,96 @@ def test_validate_refuses_passwords_loose_option_files_and_bad_bounds(tmp_path):
         validate(coordinates_file="rel.json")
     target = validate(unix_socket="/run/mysqld/mysqld.sock", user="backup")
     assert target.unknown_keys() == []
-    assert my._settings(target).lock_wait_timeout == 2
+    assert my.settings(target).lock_wait_timeout == 2
 
 
 # ------------------------------------------------------------------ pure: SQL per server
 
 
-MARIA_10_3 = my.parse_server("10.3.39-MariaDB-0+deb10u1", "Debian 10")
-MARIA_10_4 = my.parse_server("10.4.1-MariaDB", "mariadb.org binary distribution")
-MARIA_10_11 = my.parse_server("10.11.19-MariaDB-0+deb12u1-log", "Debian 12")
-MYSQL_5_7 = my.parse_server("5.7.44-log", "MySQL Community Server (GPL)")
-MYSQL_8_0_21 = my.parse_server("8.0.21", "MySQL Community Server - GPL")
-MYSQL_8_0 = my.parse_server("8.0.36", "MySQL Community Server - GPL")
-MYSQL_8_4 = my.parse_server("8.4.2", "MySQL Community Server - GPL")
+MARIA_10_3 = strategies.parse_server("10.3.39-MariaDB-0+deb10u1", "Debian 10")
+MARIA_10_4 = strategies.parse_server("10.4.1-MariaDB", "mariadb.org binary distribution")
+MARIA_10_11 = strategies.parse_server("10.11.19-MariaDB-0+deb12u1-log", "Debian 12")
+MYSQL_5_7 = strategies.parse_server("5.7.44-log", "MySQL Community Server (GPL)")
+MYSQL_8_0_21 = strategies.parse_server("8.0.21", "MySQL Community Server - GPL")
+MYSQL_8_0 = strategies.parse_server("8.0.36", "MySQL Community Server - GPL")
+MYSQL_8_4 = strategies.parse_server("8.4.2", "MySQL Community Server - GPL")
 
 
 def test_parse_server():
     assert (MARIA_10_11.flavour, MARIA_10_11.version) == ("mariadb", (10, 11, 19))
-    assert my.parse_server("5.5.5-10.6.12-MariaDB", "").version == (10, 6, 12)
-    assert my.parse_server("11.4.2-MariaDB", "MariaDB Server").flavour == "mariadb"
+    assert strategies.parse_server("5.5.5-10.6.12-MariaDB", "").version == (10, 6, 12)
+    assert strategies.parse_server("11.4.2-MariaDB", "MariaDB Server").flavour == "mariadb"
     assert (MYSQL_8_4.flavour, MYSQL_8_4.version) == ("mysql", (8, 4, 2))
-    percona = my.parse_server("8.0.35-27", "Percona Server (GPL), Release 27")
+    percona = strategies.parse_server("8.0.35-27", "Percona Server (GPL), Release 27")
     assert percona.flavour == "mysql" and percona.label == "MySQL 8.0.35"
 
 
 def test_auto_picks_the_lightest_consistent_lock():
-    assert my.choose_strategy("auto", MARIA_10_11) == "backup_stage"
-    assert my.choose_strategy("auto", MARIA_10_4) == "backup_stage"
-    assert my.choose_strategy("auto", MARIA_10_3) == "ftwrl"
-    assert my.choose_strategy("auto", MYSQL_8_0) == "instance_lock"
-    assert my.choose_strategy("auto", MYSQL_8_4) == "instance_lock"
-    assert my.choose_strategy("auto", MYSQL_5_7) == "ftwrl"
-    assert my.choose_strategy("ftwrl", MYSQL_8_4) == "ftwrl"
+    assert strategies.choose_strategy("auto", MARIA_10_11) == "backup_stage"
+    assert strategies.choose_strategy("auto", MARIA_10_4) == "backup_stage"
+    assert strategies.choose_strategy("auto", MARIA_10_3) == "ftwrl"
+    assert strategies.choose_strategy("auto", MYSQL_8_0) == "instance_lock"
+    assert strategies.choose_strategy("auto", MYSQL_8_4) == "instance_lock"
+    assert strategies.choose_strategy("auto", MYSQL_5_7) == "ftwrl"
+    assert strategies.choose_strategy("ftwrl", MYSQL_8_4) == "ftwrl"
     with pytest.raises(TargetError, match="needs MariaDB 10.4.1 or later.*MySQL 8.4.2"):
-        my.choose_strategy("backup_stage", MYSQL_8_4)
+        strategies.choose_strategy("backup_stage", MYSQL_8_4)
     with pytest.raises(TargetError, match="needs MySQL 8.0 or later.*MariaDB 10.11.19"):
-        my.choose_strategy("instance_lock", MARIA_10_11)
+        strategies.choose_strategy("instance_lock", MARIA_10_11)
     with pytest.raises(TargetError, match="MySQL 5.7.44"):
-        my.choose_strategy("instance_lock", MYSQL_5_7)
+        strategies.choose_strategy("instance_lock", MYSQL_5_7)
 
 
 def test_lock_plans_issue_the_exact_sql():
-    p = my.lock_plan(MARIA_10_11, "backup_stage")
+    p = strategies.lock_plan(MARIA_10_11, "backup_stage")
     assert p.lock == ("BACKUP STAGE START", "BACKUP STAGE FLUSH", "BACKUP STAGE BLOCK_DDL",
                       "BACKUP STAGE BLOCK_COMMIT")
     assert p.release == ("BACKUP STAGE END",) and p.exact and p.precheck is None
     assert p.coordinates == ("SHOW MASTER STATUS", "SELECT @@GLOBAL.gtid_binlog_pos")
-    p = my.lock_plan(MARIA_10_11, "ftwrl")
+    p = strategies.lock_plan(MARIA_10_11, "ftwrl")
     assert (p.lock, p.release, p.precheck) == (("FLUSH TABLES WITH READ LOCK",), ("UNLOCK TABLES",),
                                                "writes")
-    p = my.lock_plan(MYSQL_5_7, "ftwrl")
+    p = strategies.lock_plan(MYSQL_5_7, "ftwrl")
     assert p.precheck == "all" and p.coordinates == ("SHOW MASTER STATUS",)
-    p = my.lock_plan(MYSQL_8_4, "instance_lock")
+    p = strategies.lock_plan(MYSQL_8_4, "instance_lock")
     assert (p.lock, p.release) == (("LOCK INSTANCE FOR BACKUP",), ("UNLOCK INSTANCE",))
     assert p.coordinates == ("SELECT LOCAL FROM performance_schema.log_status",)
     assert not p.exact and p.precheck is None and p.suspects == "ddl"
-    p = my.lock_plan(MYSQL_8_4, "instance_lock", ftwrl_too=True)
+    p = strategies.lock_plan(MYSQL_8_4, "instance_lock", ftwrl_too=True)
     assert p.lock == ("LOCK INSTANCE FOR BACKUP", "FLUSH TABLES WITH READ LOCK")
     assert p.release == ("UNLOCK TABLES", "UNLOCK INSTANCE")
     assert p.coordinates == ("SHOW BINARY LOG STATUS",) and p.exact and p.precheck == "all"
-    assert my.lock_plan(MYSQL_8_0, "instance_lock", ftwrl_too=True).coordinates == (
+    assert strategies.lock_plan(MYSQL_8_0, "instance_lock", ftwrl_too=True).coordinates == (
         "SHOW MASTER STATUS",)
-    assert my.binlog_status_sql(my.parse_server("8.2.0", "")) == "SHOW BINARY LOG STATUS"
-    assert my.binlog_status_sql(my.parse_server("8.1.0", "")) == "SHOW MASTER STATUS"
+    assert strategies.binlog_status_sql(strategies.parse_server("8.2.0", "")) == "SHOW BINARY LOG STATUS"
+    assert strategies.binlog_status_sql(strategies.parse_server("8.1.0", "")) == "SHOW MASTER STATUS"
 
 
 def test_replica_statements_per_version():
-    assert my.replica_sql(MYSQL_8_4, "stop") == "STOP REPLICA SQL_THREAD"
-    assert my.replica_sql(MYSQL_8_0, "start") == "START REPLICA SQL_THREAD"
-    assert my.replica_sql(MYSQL_8_0_21, "stop") == "STOP SLAVE SQL_THREAD"
-    assert my.replica_sql(MYSQL_5_7, "status") == "SHOW SLAVE STATUS"
-    assert my.replica_sql(MARIA_10_4, "stop") == "STOP SLAVE SQL_THREAD"
-    assert my.replica_sql(MARIA_10_11, "status") == "SHOW REPLICA STATUS"
+    assert strategies.replica_sql(MYSQL_8_4, "stop") == "STOP REPLICA SQL_THREAD"
+    assert strategies.replica_sql(MYSQL_8_0, "start") == "START REPLICA SQL_THREAD"
+    assert strategies.replica_sql(MYSQL_8_0_21, "stop") == "STOP SLAVE SQL_THREAD"
+    assert strategies.replica_sql(MYSQL_5_7, "status") == "SHOW SLAVE STATUS"
+    assert strategies.replica_sql(MARIA_10_4, "stop") == "STOP SLAVE SQL_THREAD"
+    assert strategies.replica_sql(MARIA_10_11, "status") == "SHOW REPLICA STATUS"
 
 
 def test_session_setup_bounds_every_wait():
-    assert my.session_setup_sql(MARIA_10_11, lock_wait_timeout=2, statement_timeout=5,
+    assert strategies.session_setup_sql(MARIA_10_11, lock_wait_timeout=2, statement_timeout=5,
                                 idle_deadline=35) == (
         "SET SESSION lock_wait_timeout = 2", "SET SESSION wait_timeout = 35",
         "SET SESSION max_statement_time = 5")
-    assert my.session_setup_sql(MYSQL_8_4, lock_wait_timeout=2, statement_timeout=5,
+    assert strategies.session_setup_sql(MYSQL_8_4, lock_wait_timeout=2, statement_timeout=5,
                                 idle_deadline=35) == (
         "SET SESSION lock_wait_timeout = 2", "SET SESSION wait_timeout = 35")
-    assert "TIME_MS / 1000" in my.processlist_sql(MARIA_10_11)
-    assert "TIME AS SECONDS" in my.processlist_sql(MYSQL_8_4)
+    assert "TIME_MS / 1000" in strategies.processlist_sql(MARIA_10_11)
+    assert "TIME AS SECONDS" in strategies.processlist_sql(MYSQL_8_4)
 
 
 def test_statements_queued_behind_a_backup_lock_are_victims_not_blockers():
-    assert my.is_victim("Waiting for backup lock")
-    assert my.is_victim("Waiting for global read lock") and my.is_victim("Waiting for commit lock")
-    assert not my.is_victim("User sleep") and not my.is_victim(None)
+    assert strategies.is_victim("Waiting for backup lock")
+    assert strategies.is_victim("Waiting for global read lock") and strategies.is_victim("Waiting for commit lock")
+    assert not strategies.is_victim("User sleep") and not strategies.is_victim(None)
 
 
 @pytest.mark.parametrize("sql, writes, ddl", [
@@ -715,47 +717,47 @@ def test_statements_queued_behind_a_backup_lock_are_victims_not_blockers():
     ("show processlist", False, False),
 ])
 def test_which_running_statements_hold_a_lock_up(sql, writes, ddl):
-    assert my.is_suspect("writes", sql) is writes
-    assert my.is_suspect("ddl", sql) is ddl
-    assert my.is_suspect("all", sql) is True
+    assert strategies.is_suspect("writes", sql) is writes
+    assert strategies.is_suspect("ddl", sql) is ddl
+    assert strategies.is_suspect("all", sql) is True
 
 
 def test_privileges_from_show_grants_and_the_grant_to_run():
-    grants = my.parse_grants([
+    grants = strategies.parse_grants([
         "GRANT PROCESS, REPLICATION CLIENT ON *.* TO `bk`@`%`",
         "GRANT BACKUP_ADMIN,CONNECTION_ADMIN ON *.* TO `bk`@`%`",
         "GRANT SELECT ON `performance_schema`.`log_status` TO `bk`@`%`",
         "GRANT `r_backup`@`%` TO `bk`@`%`",
     ])
-    plan = my.lock_plan(MYSQL_8_4, "instance_lock")
-    needs = my.required_privileges(MYSQL_8_4, plan, binlog=True, kill=True, replica=False)
-    assert my.missing_privileges(needs, grants) == []
-    plan = my.lock_plan(MYSQL_8_4, "instance_lock", ftwrl_too=True)
-    needs = my.required_privileges(MYSQL_8_4, plan, binlog=True, kill=True, replica=True)
-    missing = my.missing_privileges(needs, grants)
+    plan = strategies.lock_plan(MYSQL_8_4, "instance_lock")
+    needs = strategies.required_privileges(MYSQL_8_4, plan, binlog=True, kill=True, replica=False)
+    assert strategies.missing_privileges(needs, grants) == []
+    plan = strategies.lock_plan(MYSQL_8_4, "instance_lock", ftwrl_too=True)
+    needs = strategies.required_privileges(MYSQL_8_4, plan, binlog=True, kill=True, replica=True)
+    missing = strategies.missing_privileges(needs, grants)
     assert [n.grant for n in missing] == ["RELOAD", "REPLICATION_SLAVE_ADMIN"]
-    assert my.grant_statements(missing, "bk@%") == [
+    assert strategies.grant_statements(missing, "bk@%") == [
         "GRANT RELOAD, REPLICATION_SLAVE_ADMIN ON *.* TO 'bk'@'%'"]
     # FLUSH_TABLES (8.0+) is enough for FTWRL; SUPER covers the replica; ALL covers all.
-    assert not my.missing_privileges(needs, my.parse_grants([
+    assert not strategies.missing_privileges(needs, strategies.parse_grants([
         "GRANT FLUSH_TABLES, PROCESS, SUPER, BACKUP_ADMIN, REPLICATION CLIENT ON *.* TO `x`@`%`"]))
-    assert not my.missing_privileges(needs, my.parse_grants(
+    assert not strategies.missing_privileges(needs, strategies.parse_grants(
         ["GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost` WITH GRANT OPTION"]))
-    plan = my.lock_plan(MYSQL_8_4, "instance_lock")
-    missing = my.missing_privileges(my.required_privileges(
+    plan = strategies.lock_plan(MYSQL_8_4, "instance_lock")
+    missing = strategies.missing_privileges(strategies.required_privileges(
         MYSQL_8_4, plan, binlog=True, kill=False, replica=False), {"*.*": {"PROCESS"}})
-    assert my.grant_statements(missing, "bk@localhost") == [
+    assert strategies.grant_statements(missing, "bk@localhost") == [
         "GRANT BACKUP_ADMIN ON *.* TO 'bk'@'localhost'",
         "GRANT SELECT ON performance_schema.log_status TO 'bk'@'localhost'"]
     # MariaDB names
-    plan = my.lock_plan(MARIA_10_11, "backup_stage")
-    needs = my.required_privileges(MARIA_10_11, plan, binlog=True, kill=True, replica=True)
-    assert [n.grant for n in my.missing_privileges(needs, {"*.*": set()})] == [
+    plan = strategies.lock_plan(MARIA_10_11, "backup_stage")
+    needs = strategies.required_privileges(MARIA_10_11, plan, binlog=True, kill=True, replica=True)
+    assert [n.grant for n in strategies.missing_privileges(needs, {"*.*": set()})] == [
         "RELOAD", "PROCESS", "BINLOG MONITOR", "CONNECTION ADMIN", "REPLICATION SLAVE ADMIN",
         "SLAVE MONITOR"]
-    plan = my.lock_plan(MARIA_10_3, "ftwrl")
-    needs = my.required_privileges(MARIA_10_3, plan, binlog=False, kill=True, replica=False)
-    assert [n.grant for n in my.missing_privileges(needs, {"*.*": set()})] == [
+    plan = strategies.lock_plan(MARIA_10_3, "ftwrl")
+    needs = strategies.required_privileges(MARIA_10_3, plan, binlog=False, kill=True, replica=False)
+    assert [n.grant for n in strategies.missing_privileges(needs, {"*.*": set()})] == [
         "RELOAD", "PROCESS", "SUPER"]
 
 
@@ -835,7 +837,7 @@ def scripted(monkeypatch):
     """Route the adapter's connections to a ScriptedMySQL; returns (set_script, log)."""
     log: list[str] = []
     script: dict = {}
-    monkeypatch.setattr(my, "_connect", lambda target, s, **kw: ScriptedMySQL(script, log))
+    monkeypatch.setattr(my, "connect", lambda target, s, **kw: ScriptedMySQL(script, log))
     return script, log
 
 

@@ -114,3 +114,18 @@ def test_adapters_shows_whether_each_driver_is_importable_and_its_version():
     text = run(None, "adapters", fakes=("nodrivers",)).stdout
     assert "psycopg NOT INSTALLED" in text
     assert "pymysql " + drivers["mysql"][2] in text
+
+
+def test_adapters_add_commands_and_a_failing_one_is_only_a_warning():
+    proc = run(None, "greeter-hello", "world", fakes=("commands",))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "greeting: hello world"
+    assert "adapter 'clumsy' could not add its commands (RuntimeError: no commands today)" \
+        in proc.stderr
+    as_json = json.loads(run(None, "greeter-hello", "x", "--json", fakes=("commands",)).stdout)
+    assert as_json["ok"] is True and as_json["result"] == {"greeting": "hello x"}
+    # a core command is never replaced, and never loads the adapters' commands
+    core = run(None, "example-config", fakes=("commands",))
+    assert core.returncode == 0 and "hijacked" not in core.stdout and core.stderr == ""
+    unknown = run(None, "no-such-command", fakes=("commands",))
+    assert unknown.returncode == 2 and "No such command 'no-such-command'" in unknown.stderr

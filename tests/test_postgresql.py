@@ -25,7 +25,7 @@ import pytest
 
 import quiesce
 from quiesce import ConfigError, Hold, HoldBroken, TargetError
-from quiesce.adapters import postgresql as pgmod
+from quiesce.adapters import postgresql_restore as pgmod
 from quiesce.plugins import load_adapters
 
 from .helpers import run, wait_until, write_config

@@ -26,6 +26,7 @@ Settings of a target (``[targets.NAME]`` in the quiesce config)::
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
@@ -33,44 +34,61 @@ from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
 from . import kv
 
 # A real adapter imports its database driver lazily, inside the hooks (importing the
-# adapter must stay cheap: quiesce imports every adapter to list them), lists the driver
-# in its dependencies, and turns an ImportError into a TargetError saying what to install.
+# adapter must stay cheap: quiesce imports every adapter to list them), with
+# quiesce.import_driver("driver_module", "your-extra"): a missing driver becomes one line
+# saying what to install. List the driver in your package's dependencies.
 
 
-@hookimpl
-def validate(target: Target) -> None:
+@dataclass(frozen=True)
+class Settings:
+    """A target's settings, read and checked: the one place that knows them."""
+
+    address: str
+
+    @property
+    def where(self) -> str:
+        """The endpoint, for messages (never put a secret here)."""
+        return f"kvd at {self.address}"
+
+
+def settings(target: Target) -> Settings:
+    """Read (and check) every setting. Called by validate and again by each hook, so no
+    hook reads target.settings itself."""
     # Read every setting through target.option / target.secret / target.private_file:
-    # a key nobody read is reported to the operator as unknown. Never connect here.
+    # a key nobody read is reported to the operator as unknown.
     address = target.option("address", str)
     try:
         kv.parse_address(address)
     except ValueError as e:
         raise target.error("address", str(e)) from None
+    return Settings(address)
 
 
-def _where(target: Target) -> str:
-    return f"kvd at {target.settings['address']}"
+@hookimpl
+def validate(target: Target) -> None:
+    settings(target)  # never connect here
 
 
-def _connect(target: Target) -> kv.Client:
+def _connect(target: Target, s: Settings) -> kv.Client:
     try:
-        return kv.Client(target.settings["address"], timeout=target.timeout)
+        return kv.Client(s.address, timeout=target.timeout)
     except OSError as e:
         # Errors are one line that says what was wrong and what to do; the core adds the
         # target's name when it reports them.
-        raise TargetError(f"cannot connect to {_where(target)} within {target.timeout:g} s "
+        raise TargetError(f"cannot connect to {s.where} within {target.timeout:g} s "
                           f"({e}); check that kvd runs and targets.{target.name}.address") \
             from None
 
 
-def _request(target: Target, client: kv.Client, op: str, **fields: Any) -> dict[str, Any]:
+def _request(target: Target, s: Settings, client: kv.Client, op: str,
+             **fields: Any) -> dict[str, Any]:
     """One request; every failure becomes a TargetError (never a bare driver error)."""
     try:
         return client.request(op, **fields)
     except kv.KVError as e:
-        raise TargetError(f"{_where(target)} refused {op}: {e}") from None
+        raise TargetError(f"{s.where} refused {op}: {e}") from None
     except (OSError, ValueError) as e:  # timeouts are OSErrors: every wait is bounded
-        raise TargetError(f"{_where(target)} did not answer {op} within "
+        raise TargetError(f"{s.where} did not answer {op} within "
                           f"{target.timeout:g} s ({type(e).__name__}: {e})") from None
 
 
@@ -80,11 +98,12 @@ def _clock(deadline: float) -> str:
 
 @hookimpl
 def check(target: Target) -> dict[str, Any]:
+    s = settings(target)
     # Preflight only: connect, version, privileges. Take no lock, change nothing.
-    with _connect(target) as client:
-        info = _request(target, client, "ping")
+    with _connect(target, s) as client:
+        info = _request(target, s, client, "ping")
     if info["paused"]:
-        raise TargetError(f"writes on {_where(target)} are already paused until "
+        raise TargetError(f"writes on {s.where} are already paused until "
                           f"{_clock(info['pause_deadline'])} (another backup, or a pause left "
                           f"by a freeze that crashed); retry after that")
     return {"server_id": info["server_id"], "protocol": info["version"],
@@ -93,17 +112,19 @@ def check(target: Target) -> dict[str, Any]:
 
 @hookimpl
 def flush(target: Target) -> dict[str, Any]:
+    s = settings(target)
     # Cheap work that shortens the hold. Must leave nothing locked.
-    with _connect(target) as client:
-        return {"synced_bytes": _request(target, client, "sync")["synced_bytes"]}
+    with _connect(target, s) as client:
+        return {"synced_bytes": _request(target, s, client, "sync")["synced_bytes"]}
 
 
 @hookimpl
 def quiesce(target: Target) -> Hold:
+    s = settings(target)
     # Make the target safe to snapshot. Bound every wait by target.timeout and set any
     # server-side deadline from target.max_hold, so nothing outlives the hold's limit.
-    with _connect(target) as client:
-        pause = _request(target, client, "pause", seconds=target.max_hold)
+    with _connect(target, s) as client:
+        pause = _request(target, s, client, "pause", seconds=target.max_hold)
     # The server keeps the pause, so nothing goes in Hold.session: the facts are enough
     # for a thaw from another process after a crash. Never put a secret in the facts.
     return Hold(facts={"token": pause["token"], "server_id": pause["server_id"],
@@ -112,24 +133,25 @@ def quiesce(target: Target) -> Hold:
 
 @hookimpl
 def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
+    s = settings(target)
     # Called by the holder after the snapshot, by a `quiesce thaw` after a crash with
     # hold.session None and only the facts, and possibly more than once: be idempotent,
     # and release only what this hold took.
     token = hold.facts.get("token")
     if token is None:
         return None  # nothing was paused by us; another client's pause is not ours to end
-    with _connect(target) as client:
-        answer = _request(target, client, "resume", token=token)
+    with _connect(target, s) as client:
+        answer = _request(target, s, client, "resume", token=token)
         if answer["resumed"]:
             return {"resumed": True}
         if answer["reason"] == "resumed":
             return None  # released by an earlier thaw
         if answer["reason"] == "deadline":
-            raise HoldBroken(f"the pause on {_where(target)} ended at its deadline "
+            raise HoldBroken(f"the pause on {s.where} ended at its deadline "
                              f"({_clock(hold.facts['deadline'])}) before thaw, so writes went "
                              f"on during the snapshot; raise max_hold")
-        server_id = _request(target, client, "ping")["server_id"]
+        server_id = _request(target, s, client, "ping")["server_id"]
     if server_id != hold.facts.get("server_id"):
-        raise HoldBroken(f"{_where(target)} restarted during the hold (its server id "
+        raise HoldBroken(f"{s.where} restarted during the hold (its server id "
                          f"changed), so writes were not paused for the whole window")
-    raise HoldBroken(f"{_where(target)} does not know the pause this hold took")
+    raise HoldBroken(f"{s.where} does not know the pause this hold took")
