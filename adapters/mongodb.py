@@ -359,18 +359,20 @@ def quiesce(target: Target) -> Hold | None:
                 facts["process_id"] = _process_id(hello)
             if _fsync_locked(target, client, member["member"]):
                 raise _already_locked(target)
+        locked_at = None  # the balancer alone blocks no writer
         if stop_balancer:
             facts["balancer_stopped"] = _stop_balancer(target, client)
         if mode == "lock":
             try:
                 facts.update(_lock(target, client, member["member"], version))
+                locked_at = time.time()
             except TargetError as e:
                 if facts.get("balancer_stopped"):
                     problem = _start_balancer(target, client)
                     if problem:
                         raise TargetError(f"{e}; also: {problem}") from None
                 raise
-    return Hold(session=None, facts=facts)
+    return Hold(session=None, facts=facts, locked_at=locked_at)
 
 
 def _lock(target: Target, client, member: str, version: tuple[int, ...]) -> dict[str, Any]:

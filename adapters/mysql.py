@@ -470,6 +470,7 @@ def quiesce(target: Target) -> Hold:
                 query(conn, replica_sql(server, "stop"))
         try:
             got = _acquire(target, s, conn, server, plan, info["thread_id"], info["account"])
+            locked_at = time.time()
             coords = _coordinates(conn, server, plan, info, s)
             if path is not None:
                 try:
@@ -493,7 +494,7 @@ def quiesce(target: Target) -> Hold:
              "coordinates": coords, "coordinates_file": path,
              "replica_sql_thread_stopped": bool(replica_start),
              "replica_start_sql": replica_start, **got}
-    return Hold(session=conn, facts=facts)
+    return Hold(session=conn, facts=facts, locked_at=locked_at)
 
 
 @hookimpl

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -412,6 +413,7 @@ def quiesce(target: Target) -> Hold:
         else:  # non-exclusive: the third argument false (the exclusive form is the default)
             start_sql = "SELECT pg_start_backup(%s, true, false)::text, pg_is_in_recovery()"
         start_lsn, standby = conn.execute(start_sql, (label,)).fetchone()
+        locked_at = time.time()
     except BaseException as e:
         conn.close()  # a backup half-started in this session is aborted with it
         if isinstance(e, psycopg.errors.InsufficientPrivilege):
@@ -426,7 +428,7 @@ def quiesce(target: Target) -> Hold:
     facts = {"mode": "backup", "label": label, "start_lsn": start_lsn,
              "started_at": f"{started:%Y-%m-%dT%H:%M:%SZ}", "backend_pid": conn.info.backend_pid,
              "version": _version_text(version), "standby": standby}
-    return Hold(session=_BackupSession(conn, s, facts), facts=facts)
+    return Hold(session=_BackupSession(conn, s, facts), facts=facts, locked_at=locked_at)
 
 
 def _inspect_safely(target: Target, s: Settings) -> _Server:

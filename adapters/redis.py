@@ -529,6 +529,7 @@ def quiesce(target: Target) -> Hold | None:
         deadline_ms = before_ms + ms
         try:
             client.execute_command("CLIENT", "PAUSE", ms, "WRITE")
+            locked_at = time.time()
         except errors.ResponseError as e:
             deadline_ms = None  # refused: nothing is paused
             raise TargetError(f"CLIENT PAUSE {ms} WRITE failed on Redis at {s.where}: "
@@ -537,7 +538,7 @@ def quiesce(target: Target) -> Hold | None:
         facts = {"pause_ms": ms, "pause_deadline": _iso(deadline_ms),
                  "pause_deadline_ms": deadline_ms, "run_id": server.get("run_id")}
         facts.update(_settle(client, s, deadline_ms, before_ms))
-        return Hold(session=None, facts=facts)
+        return Hold(session=None, facts=facts, locked_at=locked_at)
     except BaseException as e:
         if deadline_ms is not None:
             released = _unpause_after_failure(s, deadline_ms)

@@ -145,7 +145,7 @@ def quiesce(target: Target) -> Hold:
                           f"{s.busy_timeout:g} s: it was busy at each of {attempts} "
                           f"attempts; {_who_holds(s.path)}. Raise "
                           f"busy_timeout, or retry")
-    return Hold(session=conn)
+    return Hold(session=conn, locked_at=time.time())
 
 
 def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> int | None:

@@ -161,10 +161,16 @@ class Hold:
     ``facts`` is JSON-serialisable information that ``thaw`` needs even if the holder has
     died (a pause deadline, a lock count) and that the operator wants reported (binlog
     coordinates, an LSN). It is kept on tmpfs and printed: never put a secret in it.
+
+    ``locked_at`` is the wall-clock time (``time.time()``) the target became quiesced,
+    taken right after the lock statement returned. ``max_hold`` and the reported
+    ``held_since`` start at the first target's; leave it ``None`` to use the moment
+    ``quiesce`` returned (late by whatever the hook did after locking).
     """
 
     session: Any = None
     facts: dict[str, Any] = field(default_factory=dict)
+    locked_at: float | None = None
 
     @property
     def session_bound(self) -> bool:
