@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .errors import ConfigError, QuiesceError
 from .plugins import Adapters
 from .target import Target, check_private_file
-from .thaw import DEFAULT_RUNTIME_DIR
+from .runtime import DEFAULT_RUNTIME_DIR
 
 DEFAULT_LOG_FILE = "/var/log/quiesce/quiesce.log"
 DEFAULT_MAX_HOLD = 120.0
