@@ -444,51 +444,63 @@ def freeze(
                         f"the {deadline_seconds} s deadline passed before {mp} was frozen; "
                         "raise deadline_seconds"
                     )
-                if watchdog.proc.poll() is not None:
-                    raise FreezeError(
-                        f"the freeze watchdog died before {mp} was frozen; nothing would "
-                        "thaw it in time, so it was not frozen"
-                    )
-                watchdog.send(f"+{k}")  # announce first: if we die mid-ioctl, it still thaws
-                try:
-                    _fifreeze(fds[k])
-                except OSError as e:
-                    # Not our freeze (EBUSY: someone else's): the watchdog must not thaw
-                    # it. Were we killed right here it would; that window is microseconds.
-                    with contextlib.suppress(FreezeError):
-                        watchdog.send(f"-{k}")
-                    raise _freeze_error(mp, e) from None
+                _freeze_one(k, mp, fds[k], watchdog)
                 frozen.append(k)
-                watchdog.send(f"={k}")
             record.frozen_at, record.frozen_at_wall = time.monotonic(), time.time()
             yield record
         finally:
-            early, failures = [], []
-            for k in reversed(frozen):
-                try:
-                    _fithaw(fds[k])
-                except OSError as e:
-                    if e.errno == errno.EINVAL:
-                        early.append(mounts[k])  # the watchdog (or someone) thawed first
-                    else:
-                        failures.append((k, e.strerror))
-            record.thawed_at, record.thawed_at_wall = time.monotonic(), time.time()
-            record.thawed_early = tuple(early)
-            # After a failed thaw, stopping without "done" makes the watchdog try too.
-            watchdog.stop(done=not failures)
-            record.watchdog_thawed = tuple(mounts[k] for k in watchdog.thawed)
-            if failures:
-                raise FreezeError("; ".join(
-                    f"cannot thaw {mounts[k]}: {why}; "
-                    + ("the watchdog thawed it" if k in watchdog.thawed
-                       else f"it may still be frozen: run fsfreeze -u {mounts[k]}")
-                    for k, why in failures
-                ))
+            _thaw_frozen(record, fds, frozen, watchdog)
     finally:
         if watchdog is not None:
             watchdog.stop(done=not frozen)  # no-op when already stopped above
         for fd in fds:
             os.close(fd)
+
+
+def _freeze_one(k: int, mp: str, fd: int, watchdog: _Watchdog) -> None:
+    """Freeze mount k, with the watchdog told before and after."""
+    if watchdog.proc.poll() is not None:
+        raise FreezeError(
+            f"the freeze watchdog died before {mp} was frozen; nothing would "
+            "thaw it in time, so it was not frozen"
+        )
+    watchdog.send(f"+{k}")  # announce first: if we die mid-ioctl, it still thaws
+    try:
+        _fifreeze(fd)
+    except OSError as e:
+        # Not our freeze (EBUSY: someone else's): the watchdog must not thaw
+        # it. Were we killed right here it would; that window is microseconds.
+        with contextlib.suppress(FreezeError):
+            watchdog.send(f"-{k}")
+        raise _freeze_error(mp, e) from None
+    watchdog.send(f"={k}")
+
+
+def _thaw_frozen(record: FrozenMounts, fds: list[int], frozen: list[int],
+                 watchdog: _Watchdog) -> None:
+    """Thaw what we froze, in reverse; record who thawed what; raise if a thaw failed."""
+    mounts = record.mounts
+    early, failures = [], []
+    for k in reversed(frozen):
+        try:
+            _fithaw(fds[k])
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                early.append(mounts[k])  # the watchdog (or someone) thawed first
+            else:
+                failures.append((k, e.strerror))
+    record.thawed_at, record.thawed_at_wall = time.monotonic(), time.time()
+    record.thawed_early = tuple(early)
+    # After a failed thaw, stopping without "done" makes the watchdog try too.
+    watchdog.stop(done=not failures)
+    record.watchdog_thawed = tuple(mounts[k] for k in watchdog.thawed)
+    if failures:
+        raise FreezeError("; ".join(
+            f"cannot thaw {mounts[k]}: {why}; "
+            + ("the watchdog thawed it" if k in watchdog.thawed
+               else f"it may still be frozen: run fsfreeze -u {mounts[k]}")
+            for k, why in failures
+        ))
 
 
 @contextlib.contextmanager

@@ -133,17 +133,16 @@ class Holder:
                  report_fd: int, ack_fd: int, started: float):
         self.config, self.adapters = config, adapters
         self.runtime_dir = config.runtime_dir
-        self.server = server  # bound by freeze; listening from our start to our end
+        self.control = Control(self, server)
         self.report_fd, self.ack_fd = report_fd, ack_fd
         self.cycle = Cycle(config, adapters, Events(
             progress=lambda outcomes: self._send({"type": "progress", "outcomes": outcomes}),
-            save=self._save, deadline=self._tell_sentinel, thaw_came=self._thaw_came,
+            save=self.save, deadline=self._tell_sentinel, thaw_came=self._thaw_came,
             freeze_gone=self._parent_gone), started=started, holder_pid=os.getpid())
         self.cancel = threading.Event()      # a thaw came before freeze finished
         self.freeze_done = threading.Event()  # set as "ready" is sent: later thaws are on time
         self.released = threading.Event()
         self.answered = threading.Event()    # a thaw (or freeze) was told the report
-        self.stopping = threading.Event()    # close the control socket: let a new freeze in
         self.signalled: str | None = None
         self.sentinel: subprocess.Popen | None = None
         self._release_lock = threading.Lock()
@@ -156,7 +155,7 @@ class Holder:
 
     # -- the cycle's callbacks ---------------------------------------------------
 
-    def _save(self) -> None:
+    def save(self) -> None:
         try:
             write_state(self.runtime_dir, self.state)
         except OSError as e:  # the runtime dir was removed: the socket still answers
@@ -195,7 +194,7 @@ class Holder:
             # From here a thaw is on time: freeze returns as soon as it reads "ready", and
             # a thaw after that must never be called early (`quiesce exec` thaws at once).
             self.freeze_done.set()
-            self._send({"type": "ready", "report": self._status_report()})
+            self._send({"type": "ready", "report": self.status_report()})
         readable, _, _ = select.select([self.ack_fd], [], [], ACK_TIMEOUT)
         return bool(readable) and os.read(self.ack_fd, 16).startswith(b"ack")
 
@@ -209,7 +208,7 @@ class Holder:
                     self.answered.set()  # freeze itself reports it
             return self.cycle.report
 
-    def _thaw_now(self) -> Report:
+    def thaw_now(self) -> Report:
         """A thaw came (socket or FIFO): release; before "ready", cancel the freeze first.
 
         A thaw that comes while freeze still runs waits for the step in progress to end
@@ -231,87 +230,7 @@ class Holder:
         """How long a thaw may take from now: the release, after any step in progress."""
         return self.cycle.budget(promised=self.freeze_done.is_set())
 
-    # -- control socket and FIFO ----------------------------------------------------
-
-    def _watch_fifo(self) -> None:
-        """Release on the first line written to the thaw FIFO (the post-script's printf)."""
-        try:
-            os.unlink(FIFO_NAME)
-        except FileNotFoundError:
-            pass
-        os.mkfifo(FIFO_NAME, 0o600)
-        fd = os.open(FIFO_NAME, os.O_RDWR | os.O_NONBLOCK)
-        st = os.fstat(fd)
-        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
-            log.warning("%s was replaced by something else; not watching it", FIFO_NAME)
-            return
-        os.set_blocking(fd, True)  # read-write: never sees EOF, never blocks a writer
-        while os.read(fd, 64):
-            log.info("thaw requested through %s", FIFO_NAME)
-            self._thaw_now()
-
-    def _serve(self) -> None:
-        self.server.settimeout(0.5)  # so that stop_serving() is seen promptly
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except (socket.timeout, TimeoutError):
-                continue
-            except OSError as e:  # e.g. EMFILE: keep serving rather than die
-                if self.stopping.is_set():
-                    break
-                log.warning("control socket: %s", e)
-                time.sleep(0.1)
-                continue
-            with conn:
-                try:
-                    self._answer(conn)
-                except Exception as e:  # one bad request must never stop the server
-                    log.warning("control request failed: %s", e)
-
-    def stop_serving(self) -> None:
-        """Give up the abstract name: from now on a new freeze may start."""
-        self.stopping.set()
-        try:
-            self.server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.server.close()
-
-    def _answer(self, conn: socket.socket) -> None:
-        _, uid = peer_of(conn)
-        if uid not in {0, os.geteuid()}:
-            log.warning("refused a control request from uid %d", uid)
-            return
-        conn.settimeout(5.0)
-        op = json.loads(conn.makefile("rb").readline() or b"{}").get("op")
-        budget = self.budget()
-        conn.sendall(json.dumps({"pid": os.getpid(), "budget": budget}).encode() + b"\n")
-        conn.settimeout(budget + 5.0)
-        if op == "thaw":
-            report = self._thaw_now()
-            conn.sendall(json.dumps(report, default=str).encode())
-            if report.get("action") == "thawed":
-                self.state["acknowledged"] = True  # only now has a thaw told the operator
-                self._save()
-                self.answered.set()
-        elif op == "status":
-            conn.sendall(json.dumps(self._status_report(), default=str).encode())
-        elif op == "yield":
-            self._yield(conn)
-
-    def _yield(self, conn: socket.socket) -> None:
-        """A new freeze asks for the lock: give it up once nothing is held any more."""
-        if self.cycle.report is None:
-            conn.sendall(json.dumps({"yielded": False, **self._status_report()},
-                                    default=str).encode())
-            return
-        self.stop_serving()  # before answering: the asker binds as soon as it reads this
-        unreported = None if self.answered.is_set() else self.cycle.report
-        conn.sendall(json.dumps({"yielded": True, "holder_pid": os.getpid(),
-                                 "report": unreported}, default=str).encode())
-
-    def _status_report(self) -> dict[str, Any]:
+    def status_report(self) -> dict[str, Any]:
         return {"ok": True, "alive": True, **self.state}
 
     # -- main --------------------------------------------------------------------
@@ -329,10 +248,8 @@ class Holder:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         log.info("holder started for %s", ", ".join(t.name for t in self.config.targets))
         try:
-            self.server.listen(8)
-            threading.Thread(target=self._serve, daemon=True).start()
-            self._save()
-            threading.Thread(target=self._watch_fifo, daemon=True).start()
+            self.control.start()
+            self.save()
             # Started before anything is held, so the hold never pays for its fork and exec.
             self.sentinel = _start_sentinel(self.config)
             if not self.cycle.freeze():
@@ -375,7 +292,7 @@ class Holder:
         """Serve the report until a thaw collects it, even if the runtime dir is gone."""
         give_up = time.monotonic() + KEEP_REPORT
         while not self.answered.wait(timeout=0.2):
-            if self.signalled or self.stopping.is_set() or time.monotonic() > give_up:
+            if self.signalled or self.control.stopping.is_set() or time.monotonic() > give_up:
                 return
 
     def _end(self, write_log) -> None:
@@ -386,7 +303,7 @@ class Holder:
         try:
             if self.cycle.report is None and self.cycle.holds:
                 self.release("holder-error", "the holder failed and released every target")
-            self.stop_serving()
+            self.control.stop()
             if self.sentinel is not None and not still_held(self.state):
                 self.sentinel.kill()  # nothing left that a stand-in would have to release
                 self.sentinel.wait()
@@ -396,6 +313,98 @@ class Holder:
             except OSError:
                 pass
             self._tell_outside(write_log)  # released, lock free: may block safely
+
+
+class Control:
+    """The holder's ears: the control socket (thaw, status, yield) and the thaw FIFO."""
+
+    def __init__(self, holder: Holder, server: socket.socket):
+        self.holder = holder
+        self.server = server  # bound by freeze; listening from our start to our end
+        self.stopping = threading.Event()  # closed: a new freeze may take the lock
+
+    def start(self) -> None:
+        self.server.listen(8)
+        threading.Thread(target=self._serve, daemon=True).start()
+        threading.Thread(target=self._watch_fifo, daemon=True).start()
+
+    def _watch_fifo(self) -> None:
+        """Release on the first line written to the thaw FIFO (the post-script's printf)."""
+        try:
+            os.unlink(FIFO_NAME)
+        except FileNotFoundError:
+            pass
+        os.mkfifo(FIFO_NAME, 0o600)
+        fd = os.open(FIFO_NAME, os.O_RDWR | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
+            log.warning("%s was replaced by something else; not watching it", FIFO_NAME)
+            return
+        os.set_blocking(fd, True)  # read-write: never sees EOF, never blocks a writer
+        while os.read(fd, 64):
+            log.info("thaw requested through %s", FIFO_NAME)
+            self.holder.thaw_now()
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.5)  # so that stop() is seen promptly
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError as e:  # e.g. EMFILE: keep serving rather than die
+                if self.stopping.is_set():
+                    break
+                log.warning("control socket: %s", e)
+                time.sleep(0.1)
+                continue
+            with conn:
+                try:
+                    self._answer(conn)
+                except Exception as e:  # one bad request must never stop the server
+                    log.warning("control request failed: %s", e)
+
+    def stop(self) -> None:
+        """Give up the abstract name: from now on a new freeze may start."""
+        self.stopping.set()
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()
+
+    def _answer(self, conn: socket.socket) -> None:
+        _, uid = peer_of(conn)
+        if uid not in {0, os.geteuid()}:
+            log.warning("refused a control request from uid %d", uid)
+            return
+        conn.settimeout(5.0)
+        op = json.loads(conn.makefile("rb").readline() or b"{}").get("op")
+        budget = self.holder.budget()
+        conn.sendall(json.dumps({"pid": os.getpid(), "budget": budget}).encode() + b"\n")
+        conn.settimeout(budget + 5.0)
+        if op == "thaw":
+            report = self.holder.thaw_now()
+            conn.sendall(json.dumps(report, default=str).encode())
+            if report.get("action") == "thawed":
+                self.holder.state["acknowledged"] = True  # only now has a thaw told the operator
+                self.holder.save()
+                self.holder.answered.set()
+        elif op == "status":
+            conn.sendall(json.dumps(self.holder.status_report(), default=str).encode())
+        elif op == "yield":
+            self._yield(conn)
+
+    def _yield(self, conn: socket.socket) -> None:
+        """A new freeze asks for the lock: give it up once nothing is held any more."""
+        if self.holder.cycle.report is None:
+            conn.sendall(json.dumps({"yielded": False, **self.holder.status_report()},
+                                    default=str).encode())
+            return
+        self.stop()  # before answering: the asker binds as soon as it reads this
+        unreported = None if self.holder.answered.is_set() else self.holder.cycle.report
+        conn.sendall(json.dumps({"yielded": True, "holder_pid": os.getpid(),
+                                 "report": unreported}, default=str).encode())
 
 
 def _start_sentinel(config: Config) -> subprocess.Popen | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import quiesce.holder
 import quiesce.runtime
 import quiesce.thaw
 from quiesce import fsfreeze
@@ -266,7 +267,7 @@ def _sentinels(config: Path) -> list[int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"-c" in argv and str(config).encode() in argv:
+        if quiesce.holder.SENTINEL.encode() in argv and str(config).encode() in argv:
             found.append(int(pid))
     return found
 
