@@ -150,7 +150,7 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
       quiesce freeze   check, flush and quiesce every target, then return
                        while a detached holder keeps them quiesced
       (the host snapshots the disks)
-      quiesce thaw     release every target in reverse order and report
+      quiesce thaw     release every target (all at once) and report
                        whether each one stayed quiesced the whole time
 
     Targets are described in one TOML file (see `quiesce example-config`).
@@ -259,7 +259,7 @@ def progress_printer(count: int):
 @click.pass_obj
 @command
 def thaw(obj: Context, as_json: bool, orphaned: int | None) -> None:
-    """Release every target in reverse order; report any hold that broke.
+    """Release every target, all at once; report any hold that broke.
 
     Works with no holder alive (it crashed, was killed, or its watchdog fired): server-kept
     states are released from the record on tmpfs. A second thaw is a no-op that says so.

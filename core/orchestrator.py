@@ -2,9 +2,9 @@
 
 :class:`Cycle` runs the phases for every target of a config and keeps the cycle's record
 (:class:`~quiesce.runtime.State`): check and flush for every target together, quiesce,
-the max_hold clock from the first lock, ``on_target_failure``, and the release in
-reverse. It knows nothing of processes: the holder (``holder.py``) runs it in the
-detached process and learns what happens through :class:`Events` (progress to show,
+the max_hold clock from the first lock, ``on_target_failure``, and the release of
+every target at once (:class:`Release`). It knows nothing of processes: the holder
+(``holder.py``) runs it in the detached process and learns what happens through :class:`Events` (progress to show,
 whether to cancel, when to save the record, when the deadline changes).
 
 :func:`recover` is the release when no holder is alive: it works from the record alone.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from typing import Any, Callable
 from . import runtime
 from .config import Config
 from .logs import IN_REPORT
-from .phases import Outcome, hard_limit, run_phase
+from .phases import Outcome, call, hard_limit, run_phase
 from .plugins import Adapters
 from .report import Report
 from .runtime import State
@@ -30,7 +31,6 @@ from .target import Hold, Target
 log = logging.getLogger("quiesce.holder")
 
 EARLY_THAW = "thaw came before freeze had finished, so the snapshot was not covered"
-THAW_STAGGER = 1.0      # longest one target's release may delay the next one's
 #: freeze fails rather than promise a hold with less than this left (or half of max_hold,
 #: if that is less): the host still has to see the pre-script end and take its snapshot.
 HOLD_MARGIN = 10.0
@@ -42,10 +42,8 @@ def step_limit(targets: list[Target]) -> float:
 
 
 def release_budget(targets: list[Target]) -> float:
-    """The longest a release can take: staggered starts, then the slowest hard limit."""
-    if not targets:
-        return 0.0
-    return step_limit(targets) + THAW_STAGGER * (len(targets) - 1)
+    """The longest a release can take: every target at once, so the slowest hard limit."""
+    return step_limit(targets)
 
 
 def hold_margin(config: Config) -> float:
@@ -74,6 +72,7 @@ class Cycle:
         self.failure: str | None = None  # why freeze failed, when no target's outcome says it
         self.deadline = math.inf  # monotonic: a clock step never stretches a hold
         self.report: Report | None = None
+        self.armed: Release | None = None
 
     def entry(self, name: str) -> runtime.TargetState:
         return next(t for t in self.state["targets"] if t["name"] == name)
@@ -158,6 +157,12 @@ class Cycle:
         """Record that the hold is promised: freeze is told "ready" next."""
         self.state.update(phase=runtime.HOLDING, frozen_at=time.time(), not_held=self.failed)
         self.events.save()
+        self.armed = self._arm()
+
+    def _arm(self) -> Release:
+        """Release threads for every held target, waiting for one wake-up."""
+        held = [t for t in reversed(self.config.targets) if t.name in self.holds]
+        return Release(self.adapters, held, {t.name: self.holds[t.name] for t in held})
 
     # -- release -----------------------------------------------------------------
 
@@ -194,25 +199,12 @@ class Cycle:
         return self.report
 
     def _thaw_in_reverse(self, reason: str | None) -> list[Outcome]:
-        """Thaw held targets in reverse config order, none waiting long on another.
-
-        Each thaw starts once the previous one finished, or after THAW_STAGGER if it has
-        not: a target whose release blocks (a backup stop writing to a disk the host still
-        has frozen) must not keep the others quiesced.
-        """
-        held = [t for t in reversed(self.config.targets) if t.name in self.holds]
-        holds = {t.name: self.holds.pop(t.name) for t in held}
-
-        def judge(outcome: Outcome) -> None:  # before it is logged: log and report agree
-            if reason and outcome.status == "ok":
-                outcome.status, outcome.error = "broken", reason
-        results = run_phase(self.adapters, "thaw", held, stagger=THAW_STAGGER, judge=judge,
-                            kwargs_for=lambda t: {"hold": holds[t.name]})
-        outcomes = []
-        for target, (outcome, _) in zip(held, results):
-            judge(outcome)  # an abandoned release was never judged in its thread
-            self.entry(target.name)["status"] = after_thaw(outcome)
-            outcomes.append(outcome)
+        """Release every held target at once; outcomes in reverse config order."""
+        release = self.armed or self._arm()  # not armed: freeze failed or was cancelled
+        outcomes = release.fire(reason)
+        self.holds.clear()
+        for outcome in outcomes:
+            self.entry(outcome.target)["status"] = after_thaw(outcome)
         return outcomes
 
     def budget(self, *, promised: bool) -> float:
@@ -221,6 +213,52 @@ class Cycle:
         if promised:
             return release_budget([t for t in targets if t.name in self.holds])
         return step_limit(targets) + release_budget(targets)
+
+
+class Release:
+    """Release threads armed before the hold: one wake-up releases every target at once.
+
+    Each held target gets a thread, started when the hold is promised, that waits on one
+    event and then calls its adapter's ``thaw``. So the release pays no thread start and
+    no target waits for another's release (the old order, each one after the previous, made
+    the last target wait for every other). Outcomes are still listed in reverse config
+    order. A release that overruns its hard limit is reported as failed and abandoned.
+    """
+
+    def __init__(self, adapters: Adapters, targets: list[Target], holds: dict[str, Hold]):
+        self.adapters, self.targets = adapters, targets
+        self.go = threading.Event()
+        self.reason: str | None = None
+        self.results: dict[str, Outcome] = {}
+        self.threads = [threading.Thread(target=self._release, args=(t, holds[t.name]),
+                                         name=f"thaw-{t.name}", daemon=True) for t in targets]
+        for thread in self.threads:
+            thread.start()
+
+    def judge(self, outcome: Outcome) -> None:  # before it is logged: log and report agree
+        if self.reason and outcome.status == "ok":
+            outcome.status, outcome.error = "broken", self.reason
+
+    def _release(self, target: Target, hold: Hold) -> None:
+        self.go.wait()
+        self.results[target.name], _ = call(self.adapters, "thaw", target, judge=self.judge,
+                                            hold=hold)
+
+    def fire(self, reason: str | None) -> list[Outcome]:
+        """Release every target now; their outcomes, in reverse config order."""
+        self.reason = reason
+        fired = time.monotonic()
+        self.go.set()
+        outcomes = []
+        for target, thread in zip(self.targets, self.threads):
+            limit = hard_limit(target)
+            thread.join(timeout=max(0.0, fired + limit - time.monotonic()))
+            outcome = self.results.get(target.name) or Outcome(
+                target.name, target.kind, "thaw", "failed", limit, abandoned=True,
+                error=f"thaw did not return within {limit:g} s; abandoned")
+            self.judge(outcome)  # an abandoned release was never judged in its thread
+            outcomes.append(outcome)
+        return outcomes
 
 
 def after_thaw(outcome: Outcome) -> str:
