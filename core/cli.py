@@ -14,7 +14,7 @@ import traceback
 
 import click
 
-from . import publish, thaw as lean
+from . import publish, report as reports, runtime
 from .errors import QuiesceError
 
 DEFAULT_LOG_DIR = "/var/log/quiesce"
@@ -31,11 +31,9 @@ Exit codes:
 class Context:
     def __init__(self, config: str | None, verbose: bool):
         # Absolute: the holder and its sentinel run from another directory.
-        self.config_path = os.path.abspath(lean.config_path(config))
+        self.config_path = os.path.abspath(runtime.config_path(config))
         self.verbose = verbose
-        #: Set by commands that may run while disks are frozen (thaw): log to memory until
-        #: the targets are released, then call write_log().
-        self.buffer_logs = False
+        #: After start_logging(until_released=True): writes the records out.
         self.write_log = lambda: None
 
     @functools.cached_property
@@ -48,18 +46,26 @@ class Context:
 
     @functools.cached_property
     def config(self):
-        from . import config, logs
-        loaded = config.load(self.config_path, self.adapters)
-        if not self.buffer_logs:
-            logs.setup(loaded.log_file, verbose=self.verbose)
+        from . import config
+        return config.load(self.config_path, self.adapters)
+
+    def start_logging(self, *, until_released: bool = False) -> None:
+        """Log to the config's log file from now on (this loads the config).
+
+        *until_released*: for a command that may run while the host holds the disks
+        frozen (thaw): keep the records in memory until write_log() is called, once the
+        targets are released.
+        """
+        from . import logs
+        if until_released:
+            self.write_log = logs.buffer_until_released(self.config.log_file,
+                                                        verbose=self.verbose, console=True)
         else:
-            self.write_log = logs.buffer_until_released(loaded.log_file, verbose=self.verbose,
-                                                        console=True)
-        return loaded
+            logs.setup(self.config.log_file, verbose=self.verbose)
 
     def runtime_dir(self) -> str:
         """From the config file without loading adapters; the full check if that fails."""
-        return lean.runtime_dir_of(self.config_path) or self.config.runtime_dir
+        return runtime.runtime_dir_of(self.config_path) or self.config.runtime_dir
 
 
 def command(fn):
@@ -114,8 +120,8 @@ def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False
         level = logging.INFO if report.get("ok", True) else logging.WARNING
         logging.getLogger("quiesce.cli").log(level, "%s: %s", report.get("action", "report"),
                                              report.get("message", ""), extra=IN_REPORT)
-    lean.emit(report, as_json=as_json, started=started)
-    code = lean.report_exit_code(report)
+    reports.emit(report, as_json=as_json, started=started)
+    code = reports.exit_code(report)
     if fast_exit:
         sys.stderr.flush()
         logging.shutdown()
@@ -178,8 +184,8 @@ class CoreAndAdapterCommands(click.Group):
 
 
 @click.group(cls=CoreAndAdapterCommands, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--config", metavar="FILE", envvar=lean.ENV_CONFIG,
-              help=f"Config file [default: {lean.DEFAULT_CONFIG}; env: {lean.ENV_CONFIG}].")
+@click.option("-c", "--config", metavar="FILE", envvar=runtime.ENV_CONFIG,
+              help=f"Config file [default: {runtime.DEFAULT_CONFIG}; env: {runtime.ENV_CONFIG}].")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details; tracebacks on errors.")
 @click.version_option(package_name="quiesce")
 @click.pass_context
@@ -192,7 +198,7 @@ def cli(ctx: click.Context, config: str | None, verbose: bool) -> None:
       quiesce freeze   check, flush and quiesce every target, then return
                        while a detached holder keeps them quiesced
       (the host snapshots the disks)
-      quiesce thaw     release every target in reverse order and report
+      quiesce thaw     release every target (all at once) and report
                        whether each one stayed quiesced the whole time
 
     Targets are described in one TOML file (see `quiesce example-config`).
@@ -233,8 +239,8 @@ def check(obj: Context, as_json: bool) -> None:
     """Validate the config and run every target's preflight. Takes no lock."""
     from .phases import run_phase
     started = time.monotonic()
-    config = obj.config
-    outcomes = [o.as_dict() for o, _ in run_phase(obj.adapters, "check", config.targets)]
+    obj.start_logging()
+    outcomes = [o.as_dict() for o, _ in run_phase(obj.adapters, "check", obj.config.targets)]
     ok = all(o["status"] == "ok" for o in outcomes)
     failed = [o["target"] for o in outcomes if o["status"] != "ok"]
     message = (f"{len(outcomes)} target(s) ready to freeze" if ok
@@ -259,15 +265,15 @@ def freeze(obj: Context, as_json: bool) -> None:
     started, started_at = time.monotonic(), time.time()
     # The lock first, before adapters load: a thaw that comes meanwhile sees a freeze
     # is starting, leaves a note, and this freeze releases everything when it sees it.
-    runtime_dir = lean.runtime_dir_of(obj.config_path)
+    runtime_dir = runtime.runtime_dir_of(obj.config_path)
     lock = None
     if runtime_dir:  # unreadable or relative: the config check below says what is wrong
         prepare_runtime_dir(runtime_dir)
         lock = take_lock(runtime_dir, supersede=True)
         # This cycle's record from the start: if the config is refused below, thaw must
         # not present an earlier cycle's record as this one's.
-        lean.write_state(runtime_dir, {"version": 1, "phase": "starting", "holder_pid": None,
-                                       "started_at": started_at, "targets": []})
+        runtime.write_state(runtime_dir, runtime.starting_state(started_at))
+    obj.start_logging()
     if runtime_dir and obj.config.runtime_dir != runtime_dir:
         raise QuiesceError(f"runtime_dir changed while loading {obj.config_path}")
     report = start(obj.config, obj.adapters, lock=lock, started=started_at,
@@ -302,7 +308,7 @@ def progress_printer(count: int):
 @click.pass_obj
 @command
 def thaw(obj: Context, as_json: bool, orphaned: int | None) -> None:
-    """Release every target in reverse order; report any hold that broke.
+    """Release every target, all at once; report any hold that broke.
 
     Works with no holder alive (it crashed, was killed, or its watchdog fired): server-kept
     states are released from the record on tmpfs. A second thaw is a no-op that says so.
@@ -310,38 +316,50 @@ def thaw(obj: Context, as_json: bool, orphaned: int | None) -> None:
     exit 3, naming its pid.
     """
     started = time.monotonic()
-    obj.buffer_logs = True  # disks may still be frozen
     if orphaned is not None:
         from .errors import BusyError
-        from .holder import recover
+        obj.start_logging(until_released=True)  # disks may still be frozen
         try:
-            report = recover(obj.config, obj.adapters, orphaned_by=orphaned)
+            report = recover(obj, orphaned_by=orphaned)
         except BusyError:
             return  # the holder is alive: its own watchdog is in charge
     else:
-        report = release_all(obj)
+        report, needs_recovery = thaw_via_holder(obj)
+        if needs_recovery:
+            obj.start_logging(until_released=True)  # disks may still be frozen
+            report = recover(obj)
     if report.get("action") == "recovered":  # no holder: the cycle ends here
-        publish.cycle_finished(obj.config, lean.read_state(obj.config.runtime_dir))
+        publish.cycle_finished(obj.config, runtime.read_state(obj.config.runtime_dir))
     obj.write_log()
     emit(report, as_json, started, fast_exit=True)
 
 
-def release_all(obj: Context) -> dict:
-    """Thaw through the holder, or, with none alive, release what is recorded as held."""
+def thaw_via_holder(obj: Context) -> tuple[dict, bool]:
+    """Thaw through the holder (the lean client's way); second item: recovery is needed."""
     from .errors import ConfigError
+    from .thaw import thaw_via_holder as lean_thaw
     try:
-        report, needs_recovery = lean.thaw_via_holder(obj.runtime_dir())
-    except lean.UntrustedPeer as e:  # exit 2, as the lean client does
+        report, needs_recovery = lean_thaw(obj.runtime_dir())
+    except runtime.UntrustedPeer as e:  # exit 2, as the lean client does
         raise ConfigError(str(e)) from None
-    if needs_recovery:
-        from .holder import recover
-        report = recover(obj.config, obj.adapters)
-    elif report.get("action") == "nothing-held":
+    if not needs_recovery and report.get("action") == "nothing-held":
         # Nothing to release, so a broken config is the news (ConfigError, exit 2). Not
-        # obj.config: that would also open the log file, on a disk that may be frozen.
+        # start_logging(): that would open the log file, on a disk that may be frozen.
         from .config import load
         load(obj.config_path, obj.adapters)
-    return report
+    return report, needs_recovery
+
+
+def recover(obj: Context, *, orphaned_by: int | None = None) -> dict:
+    """No holder is alive: under the single-holder lock, release what is recorded as held."""
+    from .holder import prepare_runtime_dir, take_lock
+    from .orchestrator import recover as release_recorded
+    prepare_runtime_dir(obj.config.runtime_dir)
+    lock = take_lock(obj.config.runtime_dir)  # BusyError: a holder lives but did not answer
+    try:
+        return release_recorded(obj.config, obj.adapters, orphaned_by=orphaned_by)
+    finally:
+        lock.close()
 
 
 @cli.command()
@@ -353,27 +371,13 @@ def status(obj: Context, as_json: bool) -> None:
     started = time.monotonic()
     runtime_dir = obj.runtime_dir()
     try:
-        state = lean.request(runtime_dir, "status") or lean.read_state(runtime_dir)
-    except lean.Unresponsive as e:
-        emit(lean.unresponsive_report(e, runtime_dir), as_json, started)
-    if state is None:
-        report = {"ok": True, "held": False, "message": "nothing held; no freeze recorded"}
-    else:
-        held = [t["name"] for t in state.get("targets", ()) if t["status"] in {"held", "quiescing"}]
-        alive = state.get("alive", False)
-        fmt = lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-        if held and alive:
-            message = (f"holding {', '.join(held)} since {fmt(state.get('held_since'))} "
-                       f"(holder pid {state['holder_pid']}); watchdog at {fmt(state.get('deadline'))}")
-        elif held:
-            message = (f"{', '.join(held)} recorded as held but the holder is gone; "
-                       f"run `quiesce thaw` to release them")
-        else:
-            message = (f"nothing held; last released by {state.get('released_by')} at "
-                       f"{fmt(state.get('released_at'))}")
-        report = {"ok": not (held and not alive), "held": bool(held), "message": message,
-                  "state": state, "last_cycle": None if held or state.get("corrupt")
-                  else publish.summarize(state)}
+        state = runtime.request(runtime_dir, "status") or runtime.read_state(runtime_dir)
+    except runtime.Unresponsive as e:
+        emit(reports.unresponsive(e, runtime_dir), as_json, started)
+    report = reports.status(state)
+    if state is not None:
+        report["last_cycle"] = (None if report["held"] or state.get("corrupt")
+                                else publish.summarize(state))
     emit(report, as_json, started)
 
 
@@ -518,6 +522,7 @@ def install(obj: Context, host, log_dir: str, force: bool, as_json: bool) -> Non
     from . import sysfiles
     from .install import settings_for
     started = time.monotonic()
+    obj.start_logging()
     actions = host.install(settings_for(obj.config, log_dir=log_dir), force=force)
     warnings = host.conflicts()
     hint = sysfiles.metrics_hint(obj.config)
@@ -542,6 +547,7 @@ def _doctor_context(obj: Context):
     from .hosts import DoctorContext
     from .phases import run_phase
     try:
+        obj.start_logging()
         config = obj.config
         outcomes = [o.as_dict() for o, _ in run_phase(obj.adapters, "check", config.targets)]
         return DoctorContext(config, None, outcomes)
@@ -651,7 +657,7 @@ def rehearse(obj: Context, host, freeze_mounts, allow_root_freeze: bool, freeze_
                         wait=wait_seconds if wait_seconds is not None else (0 if snapshot_command
                                                                            or copies else 1.0))
     printer = None if as_json else (lambda t, text: click.echo(f"{t:+9.3f}s  {text}"))
-    runtime_dir = lean.runtime_dir_of(obj.config_path)
+    runtime_dir = runtime.runtime_dir_of(obj.config_path)
     report = host.rehearse(Rehearsal(snapshot=step, freeze_mounts=list(freeze_mounts),
                                      allow_root_freeze=allow_root_freeze,
                                      freeze_deadline=freeze_deadline, on_event=printer,
@@ -687,6 +693,7 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
     import subprocess
     from .holder import start
     started = time.monotonic()
+    obj.start_logging()
     freeze_report = start(obj.config, obj.adapters)
     if not freeze_report["ok"] and freeze_report["action"] != "partly-frozen":
         emit(freeze_report, as_json, started)
@@ -697,11 +704,13 @@ def exec_(obj: Context, snapshot_command: tuple[str, ...], as_json: bool) -> Non
         click.echo(f"quiesce: error: cannot run {snapshot_command[0]}: {e}", err=True)
         command_status = 127
     finally:
-        report = release_all(obj)
+        report, needs_recovery = thaw_via_holder(obj)
+        if needs_recovery:
+            report = recover(obj)
     report["command_status"] = command_status
     if command_status:  # the snapshot failed, whatever the holds did
         report["ok"] = False
         report["message"] = (f"{report.get('message', '')}; the snapshot command "
                              f"{snapshot_command[0]} exited with status {command_status}")
-    lean.emit(report, as_json=as_json, started=started)
-    sys.exit(command_status or lean.report_exit_code(report))
+    reports.emit(report, as_json=as_json, started=started)
+    sys.exit(command_status or reports.exit_code(report))

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, QuiesceError
 from .plugins import Adapters
+from .runtime import DEFAULT_RUNTIME_DIR
 from .target import DEFAULT_MAX_HOLD, DEFAULT_TIMEOUT, Target, check_private_file
-from .thaw import DEFAULT_RUNTIME_DIR
 
 DEFAULT_LOG_FILE = "/var/log/quiesce/quiesce.log"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -272,87 +272,10 @@ def thaw(mountpoint: str | os.PathLike[str]) -> bool:
 
 # --------------------------------------------------------------------------- watchdog
 
-# Run as `python -I -S -B -c SOURCE ctl_fd report_fd deadline mount...`: isolated, no
+# The watchdog is a file beside this one (fsfreeze_watchdog.py, its protocol described
+# there), run as `python -I -S -B FILE ctl_fd report_fd deadline mount...`: isolated, no
 # site, no bytecode writing, so the interpreter touches no file on disk after start.
-# Control lines from the parent: "+k" about to freeze mount k, "-k" that freeze failed
-# (not ours: never thaw it), "=k" mount k is frozen, "done" we thawed, exit quietly.
-# Report lines to the parent: "R" ready, "T k" thawed k, "X k errno" thaw of k failed,
-# "E k errno" could not open k. Any end other than "done" thaws first.
-_WATCHDOG_SOURCE = r"""
-import fcntl, os, select, signal, sys, time
-
-FITHAW = 0xC0045878
-EINVAL = 22
-ctl, report, deadline = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-paths = sys.argv[4:]
-
-def say(line):
-    try:
-        os.write(report, (line + "\n").encode())
-    except OSError:
-        pass  # the parent is gone; thawing still matters
-
-# A signal only wakes the select below (no exception can cut a thaw pass short).
-sig_r, sig_w = os.pipe()
-os.set_blocking(sig_w, False)
-signal.set_wakeup_fd(sig_w)
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(s, lambda signum, frame: None)
-fds = []
-for k, p in enumerate(paths):
-    try:
-        fds.append(os.open(p, os.O_RDONLY | os.O_DIRECTORY))
-    except OSError as e:
-        say("E %d %d" % (k, e.errno))
-        sys.exit(2)
-
-announced, failed = [], set()
-
-def thaw_all():
-    for k in reversed(announced):
-        if k in failed:
-            continue
-        try:
-            fcntl.ioctl(fds[k], FITHAW, 0)
-            say("T %d" % k)
-        except OSError as e:
-            if e.errno != EINVAL:  # EINVAL: not frozen, nothing to do
-                say("X %d %d" % (k, e.errno))
-
-say("R")
-fired, done, buf = False, False, b""
-try:
-    while True:
-        timeout = None if fired else max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select([ctl, sig_r], [], [], timeout)
-        if not ready:
-            fired = True
-            thaw_all()
-            continue
-        if sig_r in ready:
-            break
-        chunk = os.read(ctl, 4096)
-        if not chunk:  # the parent died or gave up without "done"
-            break
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            if line == b"done":
-                done = True
-                break
-            k = int(line[1:])
-            if line[:1] == b"+":
-                announced.append(k)
-            elif line[:1] == b"-":
-                failed.add(k)
-            elif line[:1] == b"=" and fired:
-                thaw_all()  # a freeze still in progress at the deadline: undo it now
-        if done:
-            break
-finally:
-    if not done:
-        thaw_all()
-"""
+_WATCHDOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsfreeze_watchdog.py")
 
 
 class _Watchdog:
@@ -367,7 +290,7 @@ class _Watchdog:
         try:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-I", "-S", "-B", "-c", _WATCHDOG_SOURCE,
+                    sys.executable, "-I", "-S", "-B", _WATCHDOG,
                     str(ctl_child.fileno()), str(report_w), repr(deadline), *mounts,
                 ],
                 stdin=subprocess.DEVNULL,
@@ -521,51 +444,63 @@ def freeze(
                         f"the {deadline_seconds} s deadline passed before {mp} was frozen; "
                         "raise deadline_seconds"
                     )
-                if watchdog.proc.poll() is not None:
-                    raise FreezeError(
-                        f"the freeze watchdog died before {mp} was frozen; nothing would "
-                        "thaw it in time, so it was not frozen"
-                    )
-                watchdog.send(f"+{k}")  # announce first: if we die mid-ioctl, it still thaws
-                try:
-                    _fifreeze(fds[k])
-                except OSError as e:
-                    # Not our freeze (EBUSY: someone else's): the watchdog must not thaw
-                    # it. Were we killed right here it would; that window is microseconds.
-                    with contextlib.suppress(FreezeError):
-                        watchdog.send(f"-{k}")
-                    raise _freeze_error(mp, e) from None
+                _freeze_one(k, mp, fds[k], watchdog)
                 frozen.append(k)
-                watchdog.send(f"={k}")
             record.frozen_at, record.frozen_at_wall = time.monotonic(), time.time()
             yield record
         finally:
-            early, failures = [], []
-            for k in reversed(frozen):
-                try:
-                    _fithaw(fds[k])
-                except OSError as e:
-                    if e.errno == errno.EINVAL:
-                        early.append(mounts[k])  # the watchdog (or someone) thawed first
-                    else:
-                        failures.append((k, e.strerror))
-            record.thawed_at, record.thawed_at_wall = time.monotonic(), time.time()
-            record.thawed_early = tuple(early)
-            # After a failed thaw, stopping without "done" makes the watchdog try too.
-            watchdog.stop(done=not failures)
-            record.watchdog_thawed = tuple(mounts[k] for k in watchdog.thawed)
-            if failures:
-                raise FreezeError("; ".join(
-                    f"cannot thaw {mounts[k]}: {why}; "
-                    + ("the watchdog thawed it" if k in watchdog.thawed
-                       else f"it may still be frozen: run fsfreeze -u {mounts[k]}")
-                    for k, why in failures
-                ))
+            _thaw_frozen(record, fds, frozen, watchdog)
     finally:
         if watchdog is not None:
             watchdog.stop(done=not frozen)  # no-op when already stopped above
         for fd in fds:
             os.close(fd)
+
+
+def _freeze_one(k: int, mp: str, fd: int, watchdog: _Watchdog) -> None:
+    """Freeze mount k, with the watchdog told before and after."""
+    if watchdog.proc.poll() is not None:
+        raise FreezeError(
+            f"the freeze watchdog died before {mp} was frozen; nothing would "
+            "thaw it in time, so it was not frozen"
+        )
+    watchdog.send(f"+{k}")  # announce first: if we die mid-ioctl, it still thaws
+    try:
+        _fifreeze(fd)
+    except OSError as e:
+        # Not our freeze (EBUSY: someone else's): the watchdog must not thaw
+        # it. Were we killed right here it would; that window is microseconds.
+        with contextlib.suppress(FreezeError):
+            watchdog.send(f"-{k}")
+        raise _freeze_error(mp, e) from None
+    watchdog.send(f"={k}")
+
+
+def _thaw_frozen(record: FrozenMounts, fds: list[int], frozen: list[int],
+                 watchdog: _Watchdog) -> None:
+    """Thaw what we froze, in reverse; record who thawed what; raise if a thaw failed."""
+    mounts = record.mounts
+    early, failures = [], []
+    for k in reversed(frozen):
+        try:
+            _fithaw(fds[k])
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                early.append(mounts[k])  # the watchdog (or someone) thawed first
+            else:
+                failures.append((k, e.strerror))
+    record.thawed_at, record.thawed_at_wall = time.monotonic(), time.time()
+    record.thawed_early = tuple(early)
+    # After a failed thaw, stopping without "done" makes the watchdog try too.
+    watchdog.stop(done=not failures)
+    record.watchdog_thawed = tuple(mounts[k] for k in watchdog.thawed)
+    if failures:
+        raise FreezeError("; ".join(
+            f"cannot thaw {mounts[k]}: {why}; "
+            + ("the watchdog thawed it" if k in watchdog.thawed
+               else f"it may still be frozen: run fsfreeze -u {mounts[k]}")
+            for k, why in failures
+        ))
 
 
 @contextlib.contextmanager

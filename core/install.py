@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .fsfreeze import fs_type
 from .hosts import DoctorContext, Finding, Host, HostFile, InstallSettings
 from .holder import freeze_budget
-from .thaw import unsafe_runtime_dir
+from .runtime import unsafe_runtime_dir
 
 MANIFEST_DIR = "/etc/quiesce"
 SHIM_MARKERS = ("/shims/", "/.pyenv/shims", "/.asdf/shims", "/mise/shims")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -96,14 +96,11 @@ def call(adapters: Adapters, hook: str, target: Target, *,
 
 
 def run_phase(adapters: Adapters, hook: str, targets: list[Target], *,
-              stagger: float | None = None,
               kwargs_for: Callable[[Target], dict[str, Any]] | None = None,
               **kwargs: Any) -> list[tuple[Outcome, Any]]:
     """Call *hook* for every target concurrently; results in the targets' order.
 
-    With *stagger*, each call starts once the previous one returned or after *stagger*
-    seconds, whichever comes first: in order when all is well, yet none waits long on
-    one that hangs. *kwargs_for* adds per-target arguments (a thaw's hold).
+    *kwargs_for* adds per-target arguments (a thaw's hold).
 
     A call that overruns :func:`hard_limit` is reported as failed and abandoned: its
     thread may still finish, which is why a failed freeze ends the holder process.
@@ -116,8 +113,6 @@ def run_phase(adapters: Adapters, hook: str, targets: list[Target], *,
         extra = kwargs_for(target) if kwargs_for else {}
         future = pool.submit(call, adapters, hook, target, **kwargs, **extra)
         submitted.append((target, future, time.monotonic()))
-        if stagger is not None:
-            wait([future], timeout=stagger)
     results = []
     for target, future, started in submitted:
         limit = hard_limit(target)

@@ -58,10 +58,9 @@ def summarize(state: dict) -> dict:
         "released_by": state.get("released_by"),
         # None when the freeze never finished: no duration to report
         "freeze_seconds": round(frozen - started, 6) if frozen and started else None,
-        # thaws run one after another (each starts once the previous one ended), so the
-        # sum is the release's wall time unless a thaw overran the stagger
-        "thaw_seconds": round(sum(o.get("duration") or 0.0 for o in state.get("outcomes") or ()
-                                  if o.get("phase") == "thaw"), 6),
+        # every target is released at once, so the release took as long as the slowest
+        "thaw_seconds": round(max((o.get("duration") or 0.0 for o in state.get("outcomes") or ()
+                                   if o.get("phase") == "thaw"), default=0.0), 6),
         "targets": per_target,
     }
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import quiesce.thaw
-from quiesce.thaw import read_state, runtime_dir_of
+from quiesce.runtime import read_state, runtime_dir_of
 
 from .azurekit import edit_json, install, process_ended, rehearse, result
 from .helpers import make_sqlite, records, run, sqlite_writable, wait_until, write_config

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import pytest
 
-from quiesce.thaw import read_state
+from quiesce.runtime import read_state
 
 from .azurekit import install, rehearse, result, timeline
 from .helpers import run, wait_until, write_config

@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 
 from quiesce.adapters import postgresql_restore as pgmod
-from quiesce.thaw import read_state
+from quiesce.runtime import read_state
 
 from .azurekit import install, rehearse, result
 from .helpers import run, wait_until, write_config

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from quiesce import fsfreeze
-from quiesce.thaw import read_state, runtime_dir_of
+from quiesce.runtime import read_state, runtime_dir_of
 
 from .azurekit import install, rehearse, result, timeline
 from .helpers import make_sqlite, run, sqlite_writable, wait_until, write_config

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+import quiesce.holder
+import quiesce.runtime
 import quiesce.thaw
 from quiesce import fsfreeze
 
@@ -135,7 +137,7 @@ def test_thaw_does_not_trust_an_answer_from_another_user(tmp_path, shared_dir):
     link = shared_dir / "qrun"
     link.symlink_to(evil)  # as if the user had swapped the operator's link
     config = write_config(tmp_path, sqlite_target(db), runtime_dir=str(link))
-    address = quiesce.thaw.holder_address(str(link))
+    address = quiesce.runtime.holder_address(str(link))
     abstract = address.replace(b"\0", b"@", 1).decode("latin-1")
     impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, abstract,
                                  str(evil / "holder.sock")], preexec_fn=as_nobody,
@@ -265,7 +267,7 @@ def _sentinels(config: Path) -> list[int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"-c" in argv and str(config).encode() in argv:
+        if quiesce.holder.SENTINEL.encode() in argv and str(config).encode() in argv:
             found.append(int(pid))
     return found
 

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..thaw import FIFO_NAME
+from ..runtime import FIFO_NAME
 from . import DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal, Verdict
 from .rehearsal import Timeline, freeze_and_snapshot, new_report
 

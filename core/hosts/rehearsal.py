@@ -77,7 +77,7 @@ def freeze_and_snapshot(snapshot: SnapshotStep, mounts: list[str], allow_root: b
 
 def holds(runtime_dir: str | None, since: float) -> list[dict[str, Any]]:
     """How long each target was held in this rehearsal, from the holder's record."""
-    from ..thaw import read_state
+    from ..runtime import read_state
     state = read_state(runtime_dir or "/nonexistent") or {}
     if not state.get("held_since") or not state.get("released_at") \
             or state.get("started_at", 0) < since:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 
-from ..thaw import FIFO_NAME
+from ..runtime import FIFO_NAME
 from . import InstallSettings
 
 q = shlex.quote
