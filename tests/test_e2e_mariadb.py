@@ -26,8 +26,8 @@ a power cut at the snapshot instant. What must hold, and is asserted:
   ``myisam-recover-options = OFF``, so a MyISAM table left open would be reported, not
   silently repaired), and so does ``mariadb-check --all-databases --extended``;
 * the snapshot is exactly the point at which the lock was taken: every write acknowledged
-  before ``held_since`` (recorded before the quiesce phase, so before ``quiesce freeze``
-  returned), before the pre-script returned and before the lock's ``taken_at`` is there,
+  before ``held_since`` (the adapter's ``locked_at``, taken as the last lock statement
+  returned, so before ``quiesce freeze`` returned), before the pre-script returned and before the lock's ``taken_at`` is there,
   and nothing sent after the lock was taken; each table holds a prefix of what its writer
   wrote, and the counter row agrees with the InnoDB rows;
 * nothing was acknowledged while the lock was held (from ``taken_at`` until the
