@@ -33,6 +33,10 @@ ENTRY_POINT_GROUP = "quiesce.hosts"
 BUNDLED_HOSTS = {
     "azure": "quiesce.hosts.azure:AzureHost",
     "qemu-ga": "quiesce.hosts.qemu_ga:QemuGuestAgentHost",
+    "vmware": "quiesce.hosts.vmware:VmwareHost",
+    "veeam": "quiesce.hosts.vmware:VeeamHost",
+    "gcp": "quiesce.hosts.gcp:GcpHost",
+    "aws-dlm": "quiesce.hosts.aws_dlm:AwsDlmHost",
 }
 VERBS = ("install", "uninstall", "doctor", "rehearse")
 
@@ -90,6 +94,12 @@ class Finding:
                 "message": self.message}
 
 
+def under(root: str, absolute: str) -> str:
+    """Where *absolute* (a path on the real machine) is under a staging *root*."""
+    root = os.path.abspath(root)
+    return absolute if root == "/" else root.rstrip("/") + absolute
+
+
 def option(default: Any, help: str, *, verbs: tuple[str, ...] = VERBS,
            metavar: str | None = None) -> Any:
     """A field of a host's Options: its default, its --help text, the verbs that take it.
@@ -143,7 +153,7 @@ class Host(ABC):
 
     def path(self, absolute: str) -> str:
         """Where *absolute* (a path on the real machine) is under this host's root."""
-        return absolute if self.root in ("", "/") else self.root.rstrip("/") + absolute
+        return under(self.root, absolute)
 
     # -- discovery ---------------------------------------------------------------------
 
@@ -210,4 +220,4 @@ from .registry import HostInfo, get_host, load_hosts  # noqa: E402  (needs Host 
 
 __all__ = ["BUNDLED_HOSTS", "DoctorContext", "ENTRY_POINT_GROUP", "Finding", "Host", "HostFile",
            "HostInfo", "HostOptions", "InstallSettings", "Rehearsal", "Verdict", "get_host",
-           "load_hosts", "option", "options_fields"]
+           "load_hosts", "option", "options_fields", "under"]
