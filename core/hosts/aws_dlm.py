@@ -192,6 +192,8 @@ class DlmEmulator:
             self.event(f"ssm: {command} executionId {execution_id}")
             run = run_script(["/bin/sh", path], timeout=self.timeout, kill=self.kill,
                              pipe_grace=0.5)
+        self.event(f"ssm: {command} exit {run.returncode} {CODES.get(run.returncode, '')}".rstrip()
+                   + (" (timed out, cancelled)" if run.timed_out else ""))
         return Attempt(command, run.returncode, run.timed_out)
 
     def _with_retries(self, command: str, execution_id: str, result: DlmRun) -> bool:
@@ -302,11 +304,14 @@ class AwsDlmHost(Host):
         """The document on this instance, then what to run where the AWS credentials are."""
         if not 0 <= self.options.retries <= MAX_RETRIES:
             raise ConfigError(f"--retries must be 0-{MAX_RETRIES} (DLM's MaximumRetryCount)")
-        actions = super().install(settings, force=force)
         timeout = self.timeout(settings.freeze_timeout)
+        if not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
+            raise ConfigError(f"--execution-timeout must be {MIN_TIMEOUT}-{MAX_TIMEOUT} s "
+                              f"(DLM's ExecutionTimeout), not {timeout}")
+        actions = super().install(settings, force=force)
         check = check_timeout(settings.freeze_timeout, timeout)
-        if not check.ok:
-            raise ConfigError(check.message)
+        if not check.ok:  # the worst case; `quiesce doctor aws-dlm` keeps saying so
+            actions.append(f"WARNING: {check.message}")
         name = self.options.document_name
         actions += ["NEXT: create the SSM document (where your AWS credentials are):",
                     create_document_command(self.path(DOCUMENT), name),
@@ -356,14 +361,10 @@ class AwsDlmHost(Host):
                           retries=self.options.retries, kill_grace=self.options.kill_grace,
                           event=event)
         dry = dlm.send("dry-run")
-        event(f"dry-run: exit {dry.code}" + (" (timed out)" if dry.timed_out else ""))
         execution_id = str(uuid.uuid4())
         result = dlm.run(execution_id, snapshot=snapshot_callback(rehearsal, report, event))
         report["attempts"] = [{"command": a.command, "code": a.code, "timed_out": a.timed_out}
                               for a in result.attempts]
-        for a in result.attempts:
-            event(f"{a.command}: exit {a.code} {CODES.get(a.code, '')}".rstrip()
-                  + (" (timed out)" if a.timed_out else ""))
         ok = dry.ok and result.snapshot == "application-consistent" and result.post_ok
         failed = next((a for a in result.attempts if not a.ok), None)
         says = "succeeded" if ok else (f"{failed.command} failed: exit {failed.code}" if failed
