@@ -308,7 +308,8 @@ class AwsDlmHost(Host):
         if not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
             raise ConfigError(f"--execution-timeout must be {MIN_TIMEOUT}-{MAX_TIMEOUT} s "
                               f"(DLM's ExecutionTimeout), not {timeout}")
-        actions = super().install(settings, force=force)
+        actions = super().install(settings, force=force) or [
+            "nothing to change: every file is in place"]
         check = check_timeout(settings.freeze_timeout, timeout)
         if not check.ok:  # the worst case; `quiesce doctor aws-dlm` keeps saying so
             actions.append(f"WARNING: {check.message}")
