@@ -14,12 +14,11 @@ write acknowledged before the snapshot step began must be there.
 from __future__ import annotations
 
 import sqlite3
-import time
-
 import pytest
 
 from .helpers import make_sqlite, rehearse_host, run, write_config
 from .qgakit import Writer, events, thaw_mount, when
+from .test_qemu_ga_e2e import _wait_more
 
 pytestmark = pytest.mark.root
 HOSTS = {"vmware": (), "gcp": (), "aws-dlm": (), "veeam": ("--output", "/srv/veeam-scripts")}
@@ -32,15 +31,6 @@ def _writers(db, redis) -> dict[str, Writer]:
         "redis": Writer("redis", lambda: redis.client(socket_timeout=90),
                         lambda c, i: c.set(f"k:{i}", str(i))),
     }
-
-
-def _acked_more(writer: Writer, count: int, timeout: float = 30) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and not writer.error:
-        if len(writer.acked) > count + 3:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _restored(copy, make_redis) -> dict[str, set[int]]:
@@ -74,24 +64,23 @@ def test_rehearsal_snapshot_restores_every_acknowledged_write(tmp_path, loopfs, 
     try:
         for w in writers.values():
             w.start()
-        assert all(_acked_more(w, 20) for w in writers.values()), "the writers do not write"
+        assert all(_wait_more(w, 20) for w in writers.values()), "the writers do not write"
         report = rehearse_host(host, config, root, "--freeze", str(fs.mountpoint),
                                "--freeze-deadline", "60", "--copy", str(fs.image),
                                str(copy_image), timeout=180).report
         counts = {name: len(w.acked) for name, w in writers.items()}
         for name, w in writers.items():  # every writer goes on after the thaw
-            assert _acked_more(w, counts[name]), name
+            assert _wait_more(w, counts[name]), name
     finally:
-        for w in writers.values():
-            w.stop.set()
         thaw_mount(fs)
         run(config, "thaw")  # whatever a failure left held
+        for w in writers.values():
+            w.stop.set()
     for w in writers.values():
         w.finish()
     redis.stop()
 
-    assert report["code"] == 0, report
-    assert report["consistency"] == "application"
+    assert (report["code"], report["consistency"]) == (0, "application"), report
     assert {h["target"]: (h["status"], h["released_by"]) for h in report["holds"]} == {
         "app": ("ok", "thaw"), "cache": ("ok", "thaw")}
     assert report["freeze"]["mounts"] == [str(fs.mountpoint)], report["freeze"]

@@ -150,58 +150,93 @@ def test_aws_install_prints_the_create_document_command_and_the_scripts_block(se
 # -- doctor: the host's own prediction, one rule each ---------------------------------------
 
 
-def test_vmware_doctor_predicts_each_vmbackup_rule(setup):
+def _write(root: Path, path: str, text: str, mode: int = 0o644) -> None:
+    target = Path(str(root) + path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    target.chmod(mode)
+
+
+def _append(root: Path, path: str, text: str) -> None:
+    _write(root, path, Path(str(root) + path).read_text() + text)
+
+
+VMWARE_DIR = "/etc/vmware-tools/backupScripts.d"
+GCP_CFG = "/etc/default/instance_configs.cfg"
+#: (host, install first, what to change after, the host's predicted code name)
+PREDICTIONS = {
+    "vmware dispatcher missing": ("vmware", False, lambda root: None, "DispatcherMissing"),
+    "vmware runs our dispatcher": ("vmware", True, lambda root: None, "ScriptsRun"),
+    "vmware execScripts false": ("vmware", True, lambda root: _write(
+        root, "/etc/vmware-tools/tools.conf", "[vmbackup]\nexecScripts = false\n"),
+        "ScriptsDisabled"),
+    "vmware group-writable dispatcher": ("vmware", True, lambda root: Path(
+        str(root) + VMWARE_DIR + "/50-quiesce").chmod(0o777), "UnsafePermissions"),
+    "vmware non-executable neighbour": ("vmware", True, lambda root: _write(
+        root, VMWARE_DIR + "/10-other", "#!/bin/sh\nexit 0\n"), "OtherScriptFails"),
+    "vmware legacy script": ("vmware", True, lambda root: _write(
+        root, "/usr/sbin/pre-freeze-script", "#!/bin/sh\nexit 0\n", 0o755), "ScriptsRun"),
+    "gcp snapshots not enabled": ("gcp", False, lambda root: None, "SnapshotsDisabled"),
+    "gcp scripts run": ("gcp", True, lambda root: None, "ScriptsRun"),
+    "gcp a .template overrides enabled": ("gcp", True, lambda root: _write(
+        root, GCP_CFG + ".template", "[Snapshots]\nenabled = false\n"), "SnapshotsDisabled"),
+    "gcp post.sh missing": ("gcp", True, lambda root: Path(
+        str(root) + "/etc/google/snapshots/post.sh").unlink(), "ScriptMissing"),
+    "gcp pre.sh writable by others": ("gcp", True, lambda root: Path(
+        str(root) + "/etc/google/snapshots/pre.sh").chmod(0o722), "UnsafePermissions"),
+    "aws document missing": ("aws-dlm", False, lambda root: None, "DocumentMissing"),
+    "aws document ready": ("aws-dlm", True, lambda root: None, "DocumentReady"),
+    "aws document edited": ("aws-dlm", True, lambda root: _append(
+        root, "/etc/quiesce/aws-dlm-ssm-document.yaml", "# edited\n"), "DocumentStale"),
+    "veeam scripts ready": ("veeam", True, lambda root: None, "ScriptsReady"),
+    "veeam post script not executable": ("veeam", True, lambda root: Path(
+        str(root) + "/srv/veeam/quiesce-veeam-post-thaw.sh").chmod(0o600), "ScriptNotRunnable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREDICTIONS))
+def test_doctor_predicts_the_hosts_code_by_its_rule(setup, case):
     config, root = setup
-    assert doctor(config, root, "vmware")["host_name"] == "DispatcherMissing"
+    host, installed, change, expected = PREDICTIONS[case]
+    if installed:
+        assert install(config, root, host).returncode == 0
+    change(root)
+    report = doctor(config, root, host)
+    assert report["host_name"] == expected, report["findings"][0]
+    assert report["ok"] is False or expected in ("ScriptsRun", "ScriptsReady", "DocumentReady")
+
+
+def test_vmware_doctor_fails_a_freeze_budget_over_the_tools_conf_timeout(setup):
+    config, root = setup
     assert install(config, root, "vmware").returncode == 0
-    assert doctor(config, root, "vmware")["host_name"] == "ScriptsRun"
-    conf = root / "etc/vmware-tools/tools.conf"
-    conf.write_text("[vmbackup]\nexecScripts = false\n")
-    assert doctor(config, root, "vmware")["host_name"] == "ScriptsDisabled"
-    conf.write_text("[vmbackup]\ntimeout = 60\n")
-    report = doctor(config, root, "vmware")
-    assert not finding(report, "timeout")["ok"]  # freeze's budget does not fit 60 s
-    conf.unlink()
-    neighbour = root / "etc/vmware-tools/backupScripts.d/10-other"
-    neighbour.write_text("#!/bin/sh\nexit 0\n")
-    neighbour.chmod(0o644)
-    assert doctor(config, root, "vmware")["host_name"] == "OtherScriptFails"
-    neighbour.chmod(0o755)
-    report = doctor(config, root, "vmware")
-    assert report["host_name"] == "ScriptsRun" and finding(report, "other scripts")["warning"]
-    (root / "etc/vmware-tools/backupScripts.d/50-quiesce").chmod(0o777)
-    assert doctor(config, root, "vmware")["host_name"] == "UnsafePermissions"
+    assert finding(doctor(config, root, "vmware"), "timeout")["ok"]
+    _write(root, "/etc/vmware-tools/tools.conf", "[vmbackup]\ntimeout = 60\n")
+    assert not finding(doctor(config, root, "vmware"), "timeout")["ok"]
 
 
-def test_gcp_doctor_predicts_each_listener_rule(setup):
+def test_vmware_doctor_warns_about_scripts_that_run_around_ours(setup):
     config, root = setup
-    assert doctor(config, root, "gcp")["host_name"] == "SnapshotsDisabled"
+    assert install(config, root, "vmware").returncode == 0
+    _write(root, "/usr/sbin/pre-freeze-script", "#!/bin/sh\nexit 0\n", 0o755)
+    found = finding(doctor(config, root, "vmware"), "other scripts")
+    assert found["ok"] and found["warning"] and "/usr/sbin/pre-freeze-script" in found["message"]
+
+
+def test_gcp_doctor_fails_a_freeze_budget_over_timeout_in_seconds(setup):
+    config, root = setup
     assert install(config, root, "gcp").returncode == 0
-    report = doctor(config, root, "gcp")
-    assert report["host_name"] == "ScriptsRun" and finding(report, "timeout")["ok"]
-    cfg = root / "etc/default/instance_configs.cfg"
-    cfg.write_text(cfg.read_text().replace("timeout_in_seconds = ", "timeout_in_seconds = 1"))
-    cfg.write_text(cfg.read_text() + "[Snapshots]\ntimeout_in_seconds = 5\n")
+    assert finding(doctor(config, root, "gcp"), "timeout")["ok"]
+    _append(root, GCP_CFG, "[Snapshots]\ntimeout_in_seconds = 5\n")
     assert not finding(doctor(config, root, "gcp"), "timeout")["ok"]
-    (root / "etc/default/instance_configs.cfg.template").write_text("[Snapshots]\nenabled = false\n")
-    assert doctor(config, root, "gcp")["host_name"] == "SnapshotsDisabled"
-    (root / "etc/default/instance_configs.cfg.template").unlink()
-    (root / "etc/google/snapshots/post.sh").unlink()
-    assert doctor(config, root, "gcp")["host_name"] == "ScriptMissing"
 
 
-def test_aws_doctor_predicts_each_document_rule(setup):
+def test_aws_doctor_checks_execution_timeout_and_max_hold(setup):
     config, root = setup
-    assert doctor(config, root, "aws-dlm")["host_name"] == "DocumentMissing"
     assert install(config, root, "aws-dlm").returncode == 0
     report = doctor(config, root, "aws-dlm")
-    assert report["host_name"] == "DocumentReady"
-    assert finding(report, "timeout")["ok"] and finding(report, "max_hold")["ok"]
+    assert finding(report, "timeout")["ok"] and not finding(report, "max_hold")["warning"]
     assert not finding(doctor(config, root, "aws-dlm", "--execution-timeout", "10"),
                        "timeout")["ok"]
-    document = root / "etc/quiesce/aws-dlm-ssm-document.yaml"
-    document.write_text(document.read_text().replace("exit 206", "exit 0"))
-    assert doctor(config, root, "aws-dlm")["host_name"] == "DocumentStale"
 
 
 def test_veeam_doctor_checks_the_jobs_script_timeout(setup):

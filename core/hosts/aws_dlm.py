@@ -288,11 +288,8 @@ class AwsDlmHost(Host):
     description = ("AWS Data Lifecycle Manager pre/post scripts: an SSM Command document "
                    "(quiesce contacts no AWS API)")
     Options = AwsDlmOptions
+    agent_paths = SSM_AGENT
     options: AwsDlmOptions
-
-    @classmethod
-    def agent(cls) -> str | None:
-        return next((p for p in SSM_AGENT if os.access(p, os.X_OK)), None)
 
     def timeout(self, freeze_budget: float) -> int:
         return self.options.execution_timeout or execution_timeout(freeze_budget)

@@ -22,9 +22,8 @@ from typing import Any, Callable
 
 from ..install import script_permissions
 from . import (DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal,
-               Verdict, option, under)
+               Verdict, agent_version, option, under)
 from .rehearsal import Timeline, conclude, new_report, run_script, snapshot_callback, validation
-from .vmware import agent_version
 from .shell import freeze, header, thaw
 
 SCRIPTS_DIR = "/etc/google/snapshots"
@@ -303,11 +302,8 @@ class GcpHost(Host):
     name = "gcp"
     description = "Google Cloud guest-flush (guest agent's snapshot listener): pre.sh and post.sh"
     Options = GcpOptions
+    agent_paths = AGENT
     options: GcpOptions
-
-    @classmethod
-    def agent(cls) -> str | None:
-        return next((p for p in AGENT if os.access(p, os.X_OK)), None)
 
     def render(self, settings: InstallSettings) -> list[HostFile]:
         return render_scripts(settings)

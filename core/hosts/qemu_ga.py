@@ -97,11 +97,8 @@ class QemuGuestAgentHost(Host):
     name = "qemu-ga"
     description = "QEMU guest agent (Proxmox VE, libvirt, OpenStack, KubeVirt): fsfreeze hook"
     Options = QemuGaOptions
+    agent_paths = AGENT_PATHS
     options: QemuGaOptions
-
-    @classmethod
-    def agent(cls) -> str | None:
-        return next((p for p in AGENT_PATHS if os.access(p, os.X_OK)), None)
 
     def agent_binary(self) -> str | None:
         return self.options.agent or self.agent()

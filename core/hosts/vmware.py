@@ -15,7 +15,6 @@ import configparser
 import os
 import re
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from ..install import script_permissions
 from . import (DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal,
-               Verdict, option, under)
+               Verdict, agent_version, option, under)
 from .rehearsal import (ScriptRun, Timeline, conclude, new_report, run_script, snapshot_callback,
                         validation)
 from .shell import freeze, header, indent, thaw
@@ -311,17 +310,6 @@ CODES = {0: "ScriptsRun", 1: "DispatcherMissing", 2: "ScriptsDisabled", 3: "Unsa
          4: "OtherScriptFails"}
 
 
-def agent_version(binary: str | None) -> str:
-    """The first line of ``BINARY --version`` ('' when it does not run)."""
-    if not binary:
-        return ""
-    try:
-        return subprocess.run([binary, "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 @dataclass
 class VmwareOptions(HostOptions):
     timeout: int = option(-1, "vmtoolsd's [vmbackup] timeout in seconds for the rehearsal "
@@ -336,11 +324,8 @@ class VmwareHost(Host):
     description = ("VMware Tools (vSphere quiesced snapshots, Veeam and other vSphere backups): "
                    "backupScripts.d dispatcher")
     Options = VmwareOptions
+    agent_paths = VMTOOLSD
     options: VmwareOptions
-
-    @classmethod
-    def agent(cls) -> str | None:
-        return next((p for p in VMTOOLSD if os.access(p, os.X_OK)), None)
 
     def render(self, settings: InstallSettings) -> list[HostFile]:
         return [render_dispatcher(settings)]
