@@ -67,7 +67,8 @@ def render_script(settings: Any) -> str:
         f"    {append_report(settings.log_dir + '/aws-dlm.log', 'executionId {{ executionId }}: ')}\n"
         "    case \"$report\" in\n"
         "    *'\"action\": \"nothing-held\"'*) exit 205 ;;\n"
-        "    *'\"action\": \"reported\"'*) exit 203 ;;\n"
+        # released by the watchdog: the holder says so, or only its record does
+        "    *'\"released_by\": \"watchdog\"'* | *'\"action\": \"reported\"'*) exit 203 ;;\n"
         "    esac\n"
         "    [ \"$status\" -eq 0 ] || exit 202 ;;\n"
         "*)\n"
