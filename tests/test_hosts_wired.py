@@ -283,3 +283,24 @@ def test_aws_no_post_script_after_a_failed_pre_script_and_a_crash_consistent_sna
     assert [a["command"] for a in report["attempts"]] == ["pre-script"]
     assert report["attempts"][0]["code"] in (201, 206)
     assert report["snapshot"]["ok"] and report["code"] == 1
+
+
+def test_veeam_install_without_output_is_one_line_and_uninstall_finds_the_scripts(setup):
+    config, root = setup
+    proc = run(config, "install", "veeam", "--root", str(root))
+    assert proc.returncode == 2 and "veeam needs --output DIR" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert install(config, root, "veeam").returncode == 0
+    proc = run(config, "uninstall", "veeam", "--root", str(root))  # no --output: the manifest's
+    assert proc.returncode == 0, proc.stderr
+    assert not (root / "srv/veeam/quiesce-veeam-pre-freeze.sh").exists()
+
+
+def test_veeam_a_failing_pre_freeze_script_fails_the_job_without_a_snapshot(setup):
+    config, root = setup
+    assert install(config, root, "veeam").returncode == 0
+    pre = root / "srv/veeam/quiesce-veeam-pre-freeze.sh"
+    pre.write_text("#!/bin/sh\nexit 1\n")
+    report = rehearse_host("veeam", config, root, "--wait", "0").report
+    assert report["pre"] == {"exit": 1, "timed_out": False} and "post" not in report
+    assert report["code"] == 2 and report["snapshot"] is None
