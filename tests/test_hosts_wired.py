@@ -304,3 +304,16 @@ def test_veeam_a_failing_pre_freeze_script_fails_the_job_without_a_snapshot(setu
     report = rehearse_host("veeam", config, root, "--wait", "0").report
     assert report["pre"] == {"exit": 1, "timed_out": False} and "post" not in report
     assert report["code"] == 2 and report["snapshot"] is None
+
+
+def test_vmware_a_failed_file_system_freeze_runs_freeze_fail_and_takes_no_snapshot(setup):
+    config, root = setup
+    assert install(config, root, "vmware").returncode == 0
+    not_a_mount = config.parent / "not-a-mount"
+    not_a_mount.mkdir()
+    report = rehearse_host("vmware", config, root, "--wait", "0",
+                           "--freeze", str(not_a_mount)).report
+    assert report["vmbackup"]["status"] == "sync-failed", report["vmbackup"]
+    assert [r["op"] for r in report["vmbackup"]["runs"]] == ["freeze", "freezeFail"]
+    assert report["freeze"]["error"] and report["snapshot"] is None and report["code"] == 2
+    assert [h["released_by"] for h in report["holds"]] == ["thaw"]

@@ -66,11 +66,7 @@ def freeze_and_snapshot(snapshot: SnapshotStep, mounts: list[str], allow_root: b
         with fsfreeze.freeze(mounts, deadline_seconds=deadline, allow_root=allow_root) as frozen:
             event(f"froze {', '.join(frozen.mounts)} (watchdog thaws at +{deadline:g} s)")
             snapshot_step(snapshot, report, event)
-        report["freeze"] = {"mounts": list(frozen.mounts), "frozen_at": frozen.frozen_at_wall,
-                            "thawed_at": frozen.thawed_at_wall,
-                            "frozen_for": round(frozen.frozen_for or 0, 4),
-                            "thawed_by_watchdog": frozen.thawed_by_watchdog}
-        event(f"thawed {', '.join(frozen.mounts)}")
+        _thawed(frozen, report, event)
     except fsfreeze.FreezeError as e:
         event(f"freeze failed: {e}")
         report["freeze"] = {"error": str(e)}
@@ -79,6 +75,42 @@ def freeze_and_snapshot(snapshot: SnapshotStep, mounts: list[str], allow_root: b
         event("the freeze watchdog thawed before the snapshot ended")
         return "freeze"
     return "snapshot" if snapshot_failed(report, event) else None
+
+
+def _thawed(frozen, report: dict[str, Any], event: Timeline) -> None:
+    report["freeze"] = {"mounts": list(frozen.mounts), "frozen_at": frozen.frozen_at_wall,
+                        "thawed_at": frozen.thawed_at_wall,
+                        "frozen_for": round(frozen.frozen_for or 0, 4),
+                        "thawed_by_watchdog": frozen.thawed_by_watchdog}
+    event(f"thawed {', '.join(frozen.mounts)}")
+
+
+def sync_freeze(rehearsal, report: dict[str, Any],
+                event: Timeline) -> Callable[[], Callable[[], None]]:
+    """For an emulator that freezes apart from the snapshot (vmtoolsd's sync driver): freeze
+    the named mounts for real and hand back their thaw; a failed freeze raises, as the
+    driver fails. Recorded in the report as freeze_and_snapshot records it."""
+    def freeze() -> Callable[[], None]:
+        if not rehearsal.freeze_mounts:
+            event("no mount named: nothing frozen")
+            return lambda: None
+        stack = contextlib.ExitStack()
+        try:
+            frozen = stack.enter_context(fsfreeze.freeze(
+                rehearsal.freeze_mounts, deadline_seconds=rehearsal.freeze_deadline,
+                allow_root=rehearsal.allow_root_freeze))
+        except fsfreeze.FreezeError as e:
+            event(f"freeze failed: {e}")
+            report["freeze"] = {"error": str(e)}
+            raise
+        event(f"froze {', '.join(frozen.mounts)} (watchdog thaws at "
+              f"+{rehearsal.freeze_deadline:g} s)")
+
+        def thaw() -> None:
+            stack.close()
+            _thawed(frozen, report, event)
+        return thaw
+    return freeze
 
 
 def holds(runtime_dir: str | None, since: float) -> list[dict[str, Any]]:
@@ -100,7 +132,11 @@ def conclude(report: dict[str, Any], event: Timeline, runtime_dir: str | None, *
     """The result of a script-running host's rehearsal: application-consistent only when the
     host succeeded, the snapshot step did, and quiesce held every target (its own record)."""
     report["holds"] = held = holds(runtime_dir, report["started_at"])
-    snapshot_ok = bool(report["snapshot"]) and not snapshot_failed(report, event)
+    freeze = report["freeze"] or {}
+    if freeze.get("thawed_by_watchdog"):
+        event("the freeze watchdog thawed before the snapshot ended")
+    snapshot_ok = bool(report["snapshot"]) and not snapshot_failed(report, event) \
+        and not freeze.get("error") and not freeze.get("thawed_by_watchdog")
     quiesced = bool(held) and all(h["status"] == "ok" for h in held)
     report["host_sees"] = host_says
     if host_ok and snapshot_ok and quiesced:

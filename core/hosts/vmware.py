@@ -24,7 +24,7 @@ from ..install import script_permissions
 from . import (DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal,
                Verdict, agent_version, option, under)
 from .rehearsal import (ScriptRun, Timeline, conclude, new_report, run_script, snapshot_callback,
-                        validation)
+                        snapshot_step, sync_freeze, validation)
 from .shell import freeze, header, indent, thaw
 
 SCRIPTS_DIR = "/etc/vmware-tools/backupScripts.d"
@@ -362,7 +362,8 @@ class VmwareHost(Host):
         grace = self.options.kill_grace
         emulator = VmbackupEmulator(self.root, config=config, event=event,
                                     kill=((signal.SIGTERM, grace), (signal.SIGKILL, grace)))
-        result = emulator.run(snapshot=snapshot_callback(rehearsal, report, event))
+        result = emulator.run(sync_freeze=sync_freeze(rehearsal, report, event),
+                              snapshot=lambda: snapshot_step(rehearsal.snapshot, report, event))
         report["vmbackup"] = {"status": result.status, "message": result.message,
                               "runs": [{"script": s, "op": op, "exit": code}
                                        for s, op, code in result.runs]}
