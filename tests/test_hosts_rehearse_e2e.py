@@ -14,6 +14,7 @@ write acknowledged before the snapshot step began must be there.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 import pytest
 
 from .helpers import make_sqlite, rehearse_host, run, write_config
@@ -34,12 +35,9 @@ def _writers(db, redis) -> dict[str, Writer]:
 
 
 def _restored(copy, make_redis) -> dict[str, set[int]]:
-    conn = sqlite3.connect(copy / "app.db")
-    try:
+    with closing(sqlite3.connect(copy / "app.db")) as conn:  # open, it keeps the mount busy
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         found = {"sqlite": {i for (i,) in conn.execute("SELECT id FROM t")}}
-    finally:
-        conn.close()  # an open database keeps the copy's mount busy
     client = make_redis.from_datadir(copy / "redis", persistence="aof").client(decode_responses=True)
     found["redis"] = {int(k.split(":")[1]) for k in client.keys("k:*")}
     client.close()
