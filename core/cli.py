@@ -515,6 +515,12 @@ def install(obj: Context, host, log_dir: str, force: bool, as_json: bool) -> Non
     For azure: /etc/azure/VMSnapshotScriptPluginConfig.json (0600) and a pre- and
     post-script (0700) that run `quiesce freeze` / `quiesce thaw` with --config.
     For qemu-ga: a hook in the agent's fsfreeze-hook.d (see --enable-hook).
+    For vmware: /etc/vmware-tools/backupScripts.d/50-quiesce (freeze, thaw,
+    freezeFail). For veeam: the job's two scripts in --output DIR.
+    For gcp: /etc/google/snapshots/pre.sh and post.sh, and [Snapshots] merged
+    into /etc/default/instance_configs.cfg (uninstall undoes it).
+    For aws-dlm: the SSM document in /etc/quiesce; prints the create-document
+    command and the DLM policy's Scripts block (quiesce calls no AWS API).
     For every host: /etc/tmpfiles.d/quiesce.conf (runtime_dir at boot) and
     /etc/logrotate.d/quiesce. Files already in place are left alone; files
     quiesce did not write are never replaced without --force.

@@ -63,6 +63,15 @@ class Installer:
         os.makedirs(os.path.dirname(self.manifest_path), mode=0o700, exist_ok=True)
         _write(self.manifest_path, json.dumps(manifest, indent=2) + "\n", 0o600)
 
+    def extra(self, key: str) -> Any:
+        """What a host recorded beside its files (e.g. how to undo an edit it made)."""
+        return self.manifest().get(key)
+
+    def set_extra(self, key: str, value: Any) -> None:
+        manifest = self.manifest()
+        manifest[key] = value
+        self._save(manifest)
+
     def install(self, settings: InstallSettings, *, force: bool = False) -> list[str]:
         """Write what differs; an empty list when everything was already in place."""
         manifest = self.manifest()
@@ -249,3 +258,25 @@ def _installed_checks(host: Host, settings: dict[str, Any], config: Config | Non
                                 f"{', '.join(stale)} differ from what the current config "
                                 f"needs; run `quiesce install {host.name}` again"))
     return findings
+
+
+def script_permissions(path: str, shown: str) -> Finding:
+    """A script a root host runs: a regular file, root-owned, no group/other write, executable."""
+    name = "permissions"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return Finding(name, False, f"{shown} is missing: run `quiesce install`")
+    mode = st.st_mode & 0o7777
+    if not os.path.isfile(path):
+        return Finding(name, False, f"{shown} is not a regular file")
+    if mode & 0o022:
+        return Finding(name, False, f"{shown} has mode {mode:04o}: group or others may write "
+                                    f"it, and the host runs it as root; chmod go-w it")
+    if not mode & 0o100:
+        return Finding(name, False, f"{shown} is not executable (mode {mode:04o}): the host "
+                                    f"execs it directly; chmod u+x it")
+    if st.st_uid != os.geteuid():
+        return Finding(name, False, f"{shown} is owned by uid {st.st_uid}, not by the user the "
+                                    f"host runs as (uid {os.geteuid()})")
+    return Finding(name, True, f"{shown} is mode {mode:04o}, owned by uid {st.st_uid}")

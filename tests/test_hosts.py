@@ -64,7 +64,7 @@ def test_a_broken_third_party_host_is_one_warning_naming_it(monkeypatch):
 def test_an_unknown_host_is_one_line_naming_the_known_ones(tmp_path):
     proc = run(None, "install", "vmware-nope", "--root", str(tmp_path))
     assert proc.returncode == 2
-    assert "unknown host 'vmware-nope'; known hosts: azure, qemu-ga" in proc.stderr
+    assert "unknown host 'vmware-nope'; known hosts: aws-dlm, azure, gcp, qemu-ga, veeam, vmware" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

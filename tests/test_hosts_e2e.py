@@ -16,8 +16,8 @@ import pytest
 import quiesce.thaw
 from quiesce import fsfreeze
 from quiesce.hosts import aws_dlm, gcp, vmware
-from quiesce.hosts.scripting import real_freeze
-from quiesce.thaw import read_state, runtime_dir_of
+from quiesce.hosts.rehearsal import real_freeze
+from quiesce.runtime import read_state, runtime_dir_of
 
 from .helpers import make_sqlite, run, wait_until, write_config
 from .hostkit import held, install

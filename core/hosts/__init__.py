@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -33,6 +34,10 @@ ENTRY_POINT_GROUP = "quiesce.hosts"
 BUNDLED_HOSTS = {
     "azure": "quiesce.hosts.azure:AzureHost",
     "qemu-ga": "quiesce.hosts.qemu_ga:QemuGuestAgentHost",
+    "vmware": "quiesce.hosts.vmware:VmwareHost",
+    "veeam": "quiesce.hosts.vmware:VeeamHost",
+    "gcp": "quiesce.hosts.gcp:GcpHost",
+    "aws-dlm": "quiesce.hosts.aws_dlm:AwsDlmHost",
 }
 VERBS = ("install", "uninstall", "doctor", "rehearse")
 
@@ -90,6 +95,23 @@ class Finding:
                 "message": self.message}
 
 
+def under(root: str, absolute: str) -> str:
+    """Where *absolute* (a path on the real machine) is under a staging *root*."""
+    root = os.path.abspath(root)
+    return absolute if root == "/" else root.rstrip("/") + absolute
+
+
+def agent_version(binary: str | None) -> str:
+    """What ``BINARY --version`` prints ('' when it does not run)."""
+    if not binary:
+        return ""
+    try:
+        return subprocess.run([binary, "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def option(default: Any, help: str, *, verbs: tuple[str, ...] = VERBS,
            metavar: str | None = None) -> Any:
     """A field of a host's Options: its default, its --help text, the verbs that take it.
@@ -135,6 +157,8 @@ class Host(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[HostOptions]] = HostOptions
+    #: Where the host's agent may be installed; the first executable one is the agent.
+    agent_paths: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: str = "/", options: HostOptions | None = None):
         # Absolute: the host runs scripts from its own directory, not the caller's.
@@ -143,14 +167,14 @@ class Host(ABC):
 
     def path(self, absolute: str) -> str:
         """Where *absolute* (a path on the real machine) is under this host's root."""
-        return absolute if self.root in ("", "/") else self.root.rstrip("/") + absolute
+        return under(self.root, absolute)
 
     # -- discovery ---------------------------------------------------------------------
 
     @classmethod
     def agent(cls) -> str | None:
         """The host's agent on this machine (a path), or None when it is not installed."""
-        return None
+        return next((p for p in cls.agent_paths if os.access(p, os.X_OK)), None)
 
     # -- the five verbs ----------------------------------------------------------------
 
@@ -209,5 +233,5 @@ def options_fields(options_class: type[HostOptions], verb: str) -> list[dataclas
 from .registry import HostInfo, get_host, load_hosts  # noqa: E402  (needs Host above)
 
 __all__ = ["BUNDLED_HOSTS", "DoctorContext", "ENTRY_POINT_GROUP", "Finding", "Host", "HostFile",
-           "HostInfo", "HostOptions", "InstallSettings", "Rehearsal", "Verdict", "get_host",
-           "load_hosts", "option", "options_fields"]
+           "HostInfo", "HostOptions", "agent_version", "InstallSettings", "Rehearsal", "Verdict", "get_host",
+           "load_hosts", "option", "options_fields", "under"]

@@ -40,9 +40,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..runtime import FIFO_NAME
 from . import DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal, Verdict
 from .rehearsal import Timeline, freeze_and_snapshot, new_report
+from .shell import freeze_command, signal_thaw, thaw_report
 
 CONFIG_JSON = "/etc/azure/VMSnapshotScriptPluginConfig.json"
 HOST_CONF = "/etc/azure/VMSnapshotPluginHost.conf"
@@ -206,22 +206,17 @@ class AzureHost(Host):
                "# post-script (or its watchdog, after max_hold) releases them.\n"
                "umask 077\n"
                f"{log_fn}"
-               f"report=$({q(settings.python)} -B -P -m quiesce --config {q(settings.config)} "
-               "freeze </dev/null 2>&1)\n"
+               f"report=$({freeze_command(settings)} </dev/null 2>&1)\n"
                "status=$?\n"
                f"log \"$report\" {q(settings.log_dir + '/azure-pre-script.log')}\n"
                "exit $status\n")
-        fifo = q(f"{settings.runtime_dir}/{FIFO_NAME}")
         post = (f"#!/bin/sh\n{header}"
                 "# Release every target. The shell's printf tells the holder at once (the FIFO\n"
                 "# is on tmpfs; opened read-write it never blocks); Python then fetches the\n"
                 "# report, held in memory until the targets are released, so nothing here\n"
                 "# writes to a disk before they are.\n"
                 "umask 077\n"
-                f"[ -p {fifo} ] && printf 'thaw\\n' 1<>{fifo}\n"
-                f"report=$({q(settings.python)} -I -S -B {q(settings.thaw_script)} "
-                f"--config {q(settings.config)} </dev/null 2>&1)\n"
-                "status=$?\n"
+                f"{signal_thaw(settings)}\n{thaw_report(settings)}\n"
                 f"{log_fn}"
                 f"log \"$report\" {q(settings.log_dir + '/azure-post-script.log')}\n"
                 "exit $status\n")

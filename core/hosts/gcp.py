@@ -20,9 +20,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import HostFile
-from .scripting import (Check, Rooted, append_report, freeze_command, header, output_to,
-                        run_script, script_permissions, signal_thaw, thaw_report)
+from ..install import script_permissions
+from . import (DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal,
+               Verdict, agent_version, option, under)
+from .rehearsal import Timeline, conclude, new_report, run_script, snapshot_callback, validation
+from .shell import freeze, header, thaw
 
 SCRIPTS_DIR = "/etc/google/snapshots"
 SCRIPTS_DIR_MODE = 0o700   # what the agent creates; install must create it the same way
@@ -47,14 +49,11 @@ TRUE = {"1", "t", "true", "y", "yes", "on"}  # go-ini's ParseBool spellings (cas
 
 
 def render_scripts(settings: Any) -> list[HostFile]:
-    notes = ["The guest agent execs this file with the disk list (\"1/2,3/4\") as its one",
-             "argument, kills it at timeout_in_seconds and reads its output to the end."]
-    top = f"#!/bin/sh\n{header('Google Cloud guest-flush', settings.config, notes)}umask 077\n"
-    pre_log = settings.log_dir + "/gcp-pre.log"
-    post_log = settings.log_dir + "/gcp-post.log"
-    return [HostFile(PRE, f"{top}{output_to(pre_log)}\nexec {freeze_command(settings)}\n", 0o700),
-            HostFile(POST, f"{top}{signal_thaw(settings)}\n{thaw_report(settings)}\n"
-                           f"{append_report(post_log, 'disks $1: ')}\nexit $status\n", 0o700)]
+    how = ("The guest agent execs this file with the disk list (\"1/2,3/4\") as its one\n"
+           "argument, kills it at timeout_in_seconds and reads its output to the end.")
+    top = "#!/bin/sh\n" + header("Google Cloud guest-flush", settings, how) + "umask 077\n"
+    return [HostFile(PRE, top + freeze(settings, "gcp-pre.log"), 0o700, shell=True),
+            HostFile(POST, top + thaw(settings, "gcp-post.log", "disks $1: "), 0o700, shell=True)]
 
 
 def wanted_config(freeze_budget: float) -> dict[str, str]:
@@ -138,7 +137,7 @@ def effective_config(root: str = "/") -> tuple[dict[str, str], list[str]]:
     for name in (CONFIG, *CONFIG_OVERRIDES):
         parser = configparser.ConfigParser(interpolation=None, strict=False)
         try:
-            parser.read(Rooted(root).path(name), encoding="utf-8")
+            parser.read(under(root, name), encoding="utf-8")
         except (configparser.Error, UnicodeDecodeError):
             continue
         for section in parser.sections():
@@ -165,7 +164,7 @@ class GuestAgentEmulator:
 
     def __init__(self, root: str = "/", *, timeout: float | None = None, pipe_grace: float = 5.0,
                  event: Callable[[str], None] = lambda text: None):
-        self.rooted = Rooted(root)
+        self.root = root
         if timeout is None:
             timeout = int(effective_config(root)[0]["timeout_in_seconds"])
         self.timeout, self.pipe_grace, self.event = timeout, pipe_grace, event
@@ -182,7 +181,7 @@ class GuestAgentEmulator:
         return False
 
     def run_script(self, path: str, disks: str) -> tuple[int, str, bool]:
-        real = self.rooted.path(path)
+        real = under(self.root, path)
         if not os.path.exists(real):
             return -1, SCRIPT_NOT_FOUND, False
         self.event(f"guest agent: {path} {disks}")
@@ -231,55 +230,187 @@ def parse_agent_version(output: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def check_agent(root: str = "/", version_output: str | None = None) -> Check:
-    found = [p for p in AGENT if os.path.isfile(Rooted(root).path(p))]
+def check_agent(root: str = "/", version_output: str | None = None) -> Finding:
+    found = [p for p in AGENT if os.path.isfile(under(root, p))]
     if not found:
-        return Check("guest agent", False, "google_guest_agent is not installed: install "
+        return Finding("guest agent", False, "google_guest_agent is not installed: install "
                                            "google-guest-agent")
     version = parse_agent_version(version_output or "")
     if version is not None and version < FIRST_VERSION:
-        return Check("guest agent", False, f"guest agent {version} predates the snapshot "
+        return Finding("guest agent", False, f"guest agent {version} predates the snapshot "
                                            f"listener ({FIRST_VERSION}): upgrade it")
-    return Check("guest agent", True, f"{found[0]}" + (f" version {version}" if version else ""))
+    return Finding("guest agent", True, f"{found[0]}" + (f" version {version}" if version else ""))
 
 
-def check_config(root: str = "/") -> Check:
+def check_config(root: str = "/") -> Finding:
     values, origin = effective_config(root)
     if values.get("enabled", "").lower() not in TRUE:
-        return Check("config", False, f"[{SECTION}] enabled is not true in {CONFIG} (or a "
+        return Finding("config", False, f"[{SECTION}] enabled is not true in {CONFIG} (or a "
                                       f".distro/.template overrides it): run `quiesce install`")
     overridden = [o for o in origin if not o.endswith(CONFIG)]
-    return Check("config", True, "snapshots enabled; restart google-guest-agent after a "
+    return Finding("config", True, "snapshots enabled; restart google-guest-agent after a "
                                  "change (it reads its config at start)"
                  + (f"; set last by {', '.join(overridden)}" if overridden else ""),
                  warning=bool(overridden))
 
 
-def check_timeout(root: str, freeze_budget: float) -> Check:
+def check_timeout(root: str, freeze_budget: float) -> Finding:
     try:
         timeout = int(effective_config(root)[0]["timeout_in_seconds"])
     except ValueError:
-        return Check("timeout", False, f"[{SECTION}] timeout_in_seconds is not a number")
+        return Finding("timeout", False, f"[{SECTION}] timeout_in_seconds is not a number")
     ok = freeze_budget < timeout
-    return Check("timeout", ok, f"quiesce freeze may take {freeze_budget:g} s; the agent "
+    return Finding("timeout", ok, f"quiesce freeze may take {freeze_budget:g} s; the agent "
                                 f"kills pre.sh after {timeout} s"
                  + ("" if ok else ": raise timeout_in_seconds (quiesce install sets it)"))
 
 
-def check_scripts(root: str, settings: Any) -> list[Check]:
+def check_scripts(root: str, settings: Any) -> list[Finding]:
     """Each script is ours and safe; pre.sh sends its output to a file, so a holder it
     leaves behind neither holds the agent's pipe nor dies with the script at the timeout."""
     checks = []
     for file in render_scripts(settings):
-        real = Rooted(root).path(file.path)
+        real = under(root, file.path)
         perm = script_permissions(real, file.path)
         if not perm.ok:
             checks.append(perm)
             continue
         with open(real, encoding="utf-8", errors="replace") as f:
             same = f.read() == file.content
-        checks.append(Check(os.path.basename(file.path), same,
+        checks.append(Finding(os.path.basename(file.path), same,
                             f"{file.path} is what quiesce installs" if same else
                             f"{file.path} differs from what quiesce installs: "
                             f"run `quiesce install gcp --force`"))
     return checks
+
+
+# -- the host ---------------------------------------------------------------------------
+
+CODES = {0: "ScriptsRun", 1: "ScriptMissing", 2: "SnapshotsDisabled", 3: "UnsafePermissions"}
+
+
+@dataclass
+class GcpOptions(HostOptions):
+    timeout: int = option(0, "The agent's timeout_in_seconds for the rehearsal [default, 0: "
+                             "what the instance config under --root says].",
+                          verbs=("rehearse",), metavar="SECONDS")
+    disks: str = option("1/2", "The disk list the agent passes the scripts.",
+                        verbs=("rehearse",), metavar="LIST")
+
+
+class GcpHost(Host):
+    name = "gcp"
+    description = "Google Cloud guest-flush (guest agent's snapshot listener): pre.sh and post.sh"
+    Options = GcpOptions
+    agent_paths = AGENT
+    options: GcpOptions
+
+    def render(self, settings: InstallSettings) -> list[HostFile]:
+        return render_scripts(settings)
+
+    def install(self, settings: InstallSettings, *, force: bool = False) -> list[str]:
+        """The scripts (in a 0700 directory, as the agent makes it), then the config merge;
+        what the merge changed is kept in the manifest for uninstall."""
+        from ..install import Installer
+        directory = self.path(SCRIPTS_DIR)
+        os.makedirs(directory, mode=SCRIPTS_DIR_MODE, exist_ok=True)
+        os.chmod(directory, SCRIPTS_DIR_MODE)
+        actions = super().install(settings, force=force)
+        installer, path = Installer(self), self.path(CONFIG)
+        text = _read(path)
+        undo = installer.extra("config_undo")
+        original = undo_config(text, undo) if undo else text
+        created = bool(undo and undo.get("created")) or not os.path.exists(path)
+        merged, undo = merge_config(original, wanted_config(settings.freeze_timeout))
+        undo["created"] = created
+        if merged != text:
+            _write_keeping_mode(path, merged)
+            actions.append(f"set [{SECTION}] {', '.join(wanted_config(settings.freeze_timeout))}"
+                           f" in {path}")
+            actions.append("NOTE: restart google-guest-agent: it reads its config only at start")
+        installer.set_extra("config_undo", undo)
+        return actions
+
+    def uninstall(self, *, force: bool = False) -> list[str]:
+        from ..install import Installer
+        undo = Installer(self).extra("config_undo")
+        actions = super().uninstall(force=force)
+        path = self.path(CONFIG)
+        if undo and os.path.exists(path):
+            text = undo_config(_read(path), undo)
+            if not text and undo.get("created"):
+                os.unlink(path)
+                actions.append(f"removed {path}: quiesce had created it")
+            else:
+                _write_keeping_mode(path, text)
+                actions.append(f"undid quiesce's [{SECTION}] keys in {path}")
+        return actions
+
+    def predict(self) -> Verdict:
+        """The agent's path: snapshots enabled, then each script found and runnable."""
+        config = check_config(self.root)
+        if not config.ok:
+            return Verdict(2, CODES[2], config.message)
+        for script in (PRE, POST):
+            if not os.path.exists(self.path(script)):
+                return Verdict(1, CODES[1], f"{script} is missing: the agent answers "
+                                            f"{SCRIPT_NOT_FOUND}; run `quiesce install gcp`")
+            found = script_permissions(self.path(script), script)
+            if not found.ok:
+                return Verdict(3, CODES[3], found.message)
+        return Verdict(0, CODES[0], f"the agent runs {PRE} before the snapshot and {POST} after")
+
+    def host_checks(self, context: DoctorContext) -> list[Finding]:
+        from ..holder import freeze_budget
+        from ..install import Installer
+        version = agent_version(self.agent()) if self.root == "/" else ""
+        findings = [check_agent(self.root, version)]
+        if context.config is not None:
+            findings.append(check_timeout(self.root, freeze_budget(context.config)))
+        settings = Installer(self).manifest().get("settings")
+        if settings:
+            findings += check_scripts(self.root, InstallSettings(**settings))
+        return findings
+
+    def rehearse(self, rehearsal: Rehearsal) -> dict[str, Any]:
+        """The snapshot listener: PRE_SNAPSHOT, the snapshot only after NO_ERROR, POST_SNAPSHOT;
+        the same operation id again gets no answer."""
+        event = Timeline(rehearsal.on_event)
+        report = new_report(self.name, event)
+        validation(report, event, self.predict())
+        agent = GuestAgentEmulator(self.root, timeout=self.options.timeout or None, event=event)
+        operation = int.from_bytes(os.urandom(4), "big")
+        result = agent.snapshot(operation, self.options.disks,
+                                snapshot=snapshot_callback(rehearsal, report, event))
+        for kind in ("pre", "post"):
+            answer = result[kind]
+            report[kind] = answer and {"scripts_return_code": answer.scripts_return_code,
+                                       "agent_return_code": answer.agent_return_code}
+            event(f"{kind.upper()}_SNAPSHOT answer: " + (f"{answer.agent_return_code} "
+                  f"({answer.scripts_return_code})" if answer else "none"))
+        again = agent.handle(operation, "PRE_SNAPSHOT", self.options.disks)
+        event(f"PRE_SNAPSHOT repeated with operation id {operation}: "
+              + ("no answer (a duplicate)" if again is None else "answered again"))
+        ok = all(result[k] and result[k].agent_return_code == NO_ERROR for k in ("pre", "post"))
+        failure = next((f"{k}.sh: {result[k].agent_return_code if result[k] else 'no answer'}"
+                        for k in ("pre", "post")
+                        if not (result[k] and result[k].agent_return_code == NO_ERROR)), None)
+        return conclude(report, event, rehearsal.runtime_dir, host_ok=ok,
+                        host_says="NO_ERROR" if ok else failure, failure=failure)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_keeping_mode(path: str, text: str) -> None:
+    from ..install import _write
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    _write(path, text, mode)

@@ -97,11 +97,8 @@ class QemuGuestAgentHost(Host):
     name = "qemu-ga"
     description = "QEMU guest agent (Proxmox VE, libvirt, OpenStack, KubeVirt): fsfreeze hook"
     Options = QemuGaOptions
+    agent_paths = AGENT_PATHS
     options: QemuGaOptions
-
-    @classmethod
-    def agent(cls) -> str | None:
-        return next((p for p in AGENT_PATHS if os.access(p, os.X_OK)), None)
 
     def agent_binary(self) -> str | None:
         return self.options.agent or self.agent()
@@ -138,8 +135,8 @@ class QemuGuestAgentHost(Host):
         hook = ("#!/bin/sh\n" + shell.header("the QEMU guest agent (qemu-ga)", settings, how) +
                 "umask 077\n"
                 'case "$1" in\n'
-                "freeze)\n" + _indent(shell.freeze(settings, AGENT_LOG)) + "    ;;\n"
-                "thaw)\n" + _indent(shell.thaw(settings, AGENT_LOG)) + "    ;;\n"
+                "freeze)\n" + shell.indent(shell.freeze(settings, AGENT_LOG)) + "    ;;\n"
+                "thaw)\n" + shell.indent(shell.thaw(settings, AGENT_LOG)) + "    ;;\n"
                 "esac\n"
                 "exit 0\n")
         files = [HostFile(self.hook_path(), hook, 0o700, shell=True)]
@@ -373,10 +370,6 @@ class QemuGuestAgentHost(Host):
         report.update(health_code=health.get("code"), health_name=health.get("name"))
         event(f"result: {report['code']} {report['message']}")
         return report
-
-
-def _indent(text: str) -> str:
-    return "".join(f"    {line}\n" for line in text.splitlines())
 
 
 def _confinement_findings() -> list[Finding]:

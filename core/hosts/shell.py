@@ -1,8 +1,8 @@
 """Pieces of the POSIX sh scripts a host runs: shared by every host's render().
 
-Rules every generated script keeps (hosts ignore shebangs, never read our pipes, and may
-run a script while disks are frozen): POSIX sh only, interpreters by absolute path (never
-PATH or a version-manager shim), stdin from /dev/null, output appended to a log file
+Rules every generated script keeps (hosts ignore shebangs, often never read our pipes, and
+may run a script while disks are frozen): POSIX sh only, interpreters by absolute path
+(never PATH or a version-manager shim), stdin from /dev/null, output appended to a log file
 under ``settings.log_dir``, and safe to run in any order and more than once.
 """
 
@@ -28,27 +28,60 @@ def log_path(settings: InstallSettings, name: str) -> str:
     return f"{settings.log_dir}/{name}"
 
 
+def indent(text: str) -> str:
+    """*text* as the body of a `case` branch."""
+    return "".join(f"    {line}\n" for line in text.splitlines())
+
+
+# -- single lines -------------------------------------------------------------------------
+
+
+def freeze_command(settings: InstallSettings) -> str:
+    """Quiesce every target; a detached holder keeps them quiesced until thaw."""
+    return f"{q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze"
+
+
+def output_to(log: str) -> str:
+    """Send everything to *log*: a holder that inherited a host's pipe would block it."""
+    return f"exec </dev/null >>{q(log)} 2>&1"
+
+
+def signal_thaw(settings: InstallSettings) -> str:
+    """Tell the holder at once through its FIFO (tmpfs, opened read-write: never blocks)."""
+    fifo = q(f"{settings.runtime_dir}/{FIFO_NAME}")
+    return f"[ -p {fifo} ] && printf 'thaw\\n' 1<>{fifo}"
+
+
+def thaw_report(settings: InstallSettings, *, as_json: bool = False) -> str:
+    """``report=$(...)`` then ``status=$?``: the lean thaw, its report kept in memory."""
+    flag = " --json" if as_json else ""
+    return (f"report=$({q(settings.python)} -I -S -B {q(settings.thaw_script)} "
+            f"--config {q(settings.config)}{flag} </dev/null 2>&1)\nstatus=$?")
+
+
+def append_report(log: str, prefix: str = "") -> str:
+    """Write the report only now: the targets are released, disks may be written."""
+    return f"printf '%s\\n' \"{prefix}$report\" >>{q(log)}"
+
+
+# -- whole steps --------------------------------------------------------------------------
+
+
 def freeze(settings: InstallSettings, log: str) -> str:
     """Run `quiesce freeze` in place of the shell, its output appended to *log*.
 
     Only for a moment when disks are not frozen yet: the holder it leaves behind keeps
     its log lines in memory while they are.
     """
-    return (f"exec </dev/null >>{q(log_path(settings, log))} 2>&1\n"
-            f"exec {q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze\n")
+    return f"{output_to(log_path(settings, log))}\nexec {freeze_command(settings)}\n"
 
 
-def thaw(settings: InstallSettings, log: str) -> str:
+def thaw(settings: InstallSettings, log: str, prefix: str = "") -> str:
     """Release every target at once, then log the report and exit with its status.
 
-    The shell's printf tells the holder (its FIFO is on tmpfs; opened read-write it never
-    blocks); the lean thaw client then fetches the report, held in memory until the
-    targets are released, so nothing before that writes to a disk that may be frozen.
+    The shell's printf tells the holder; the lean thaw client then fetches the report,
+    held in memory until the targets are released, so nothing before that writes to a
+    disk that may be frozen.
     """
-    fifo = q(f"{settings.runtime_dir}/{FIFO_NAME}")
-    return (f"[ -p {fifo} ] && printf 'thaw\\n' 1<>{fifo}\n"
-            f"report=$({q(settings.python)} -I -S -B {q(settings.thaw_script)} "
-            f"--config {q(settings.config)} </dev/null 2>&1)\n"
-            "status=$?\n"
-            f"printf '%s\\n' \"$report\" >>{q(log_path(settings, log))}\n"
-            "exit $status\n")
+    return (f"{signal_thaw(settings)}\n{thaw_report(settings)}\n"
+            f"{append_report(log_path(settings, log), prefix)}\nexit $status\n")
