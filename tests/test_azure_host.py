@@ -1,5 +1,5 @@
-"""`quiesce rehearse azure`: the host's decision table (azure-host.md §4.4), its
-validation codes (§2) and the way it runs scripts (§3, §4), with our own small scripts.
+"""`quiesce rehearse azure`: the host's decision table, its validation codes
+and the way it runs scripts (docs/azure.md, "Rehearsal"), with our own small scripts.
 
 Each script appends its name to an events file and the snapshot step appends
 ``snapshot``, so every test sees what ran and in which order, not only what the report

@@ -3,7 +3,7 @@ Backup would run it.
 
 Redis keeps its data directory (``dir``: the RDB, or the AOF directory) on a loop-mounted
 ext4 made by the ``loopfs`` fixture; its log and unix socket stay on the root filesystem
-(databases.md §5.5: a Redis log on a frozen filesystem stalls the whole server). A writer
+(a Redis log on a frozen filesystem stalls the whole server: docs/adapters/redis.md). A writer
 thread SETs increasing keys as fast as it can and records, for each one, when it sent the
 command and when Redis acknowledged it. Then, with the real generated files:
 

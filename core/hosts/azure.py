@@ -510,7 +510,7 @@ class AzureHost(Host):
     @staticmethod
     def _result(verdict: Verdict, script_codes: list[int], do_backup: bool,
                 snapshot_code: int) -> dict[str, Any]:
-        """handle.py's final decision (azure-host.md §4.4)."""
+        """handle.py's final decision: docs/azure.md, "What the host reports"."""
         if snapshot_code:
             return {"code": 2, "status": "error", "consistency": "none",
                     "health_code": snapshot_code, "health_name": CODES[snapshot_code],
