@@ -3,8 +3,10 @@ and the way it runs scripts (docs/azure.md, "Rehearsal"), with our own small scr
 
 Each script appends its name to an events file and the snapshot step appends
 ``snapshot``, so every test sees what ran and in which order, not only what the report
-claims. Runs use ScriptsExecutionPollTimeSeconds 1 (the host's minimum), so a rehearsal
-that runs both scripts takes about three seconds, as it would on the host.
+claims. Runs use ScriptsExecutionPollTimeSeconds 1 (the host's minimum) and look at the
+scripts every ``REHEARSAL_POLL`` (tests/helpers.py) rather than every second, so a
+rehearsal takes as long as its scripts, not whole polls; the host's timeouts keep their
+length. test_relative_root_rehearses_like_an_absolute_one runs at the host's own poll.
 """
 
 from __future__ import annotations

@@ -627,7 +627,7 @@ def test_cli_thaw_after_the_holder_was_killed_releases_from_the_record(fakes, tm
 @pytest.fixture(scope="module")
 def real_mongod():
     if not mongod_binary():
-        pytest.skip(NO_MONGOD)  # allowed in CI too: no mongod is installable here (docs/architecture.md, Tests)
+        pytest.skip(NO_MONGOD)  # allowed in CI too: no mongod is installable here
     server = Mongod().start()
     try:
         yield server
