@@ -84,7 +84,7 @@ def test_the_man_page_is_generated_from_the_current_cli():
 def test_shell_completion_completes_commands_and_host_names():
     import os
     import subprocess
-    from .helpers import QUIESCE
+    from .support.helpers import QUIESCE
     env = {**os.environ, "_QUIESCE_COMPLETE": "bash_complete"}
 
     def complete(words: str) -> list[str]:

@@ -50,10 +50,12 @@ from pathlib import Path
 
 import pytest
 
-from .azurekit import install, rehearse, result, timeline
-from .helpers import run, wait_until, write_config
-from .loopfs import _mounted_from
-from .servers import REDIS_FAMILY, RedisServer, skip_or_fail
+from .support.azurekit import install, rehearse, result, timeline
+from .support.helpers import run, wait_until, write_config
+from .support.loopfs import _mounted_from
+from .support.servers import REDIS_FAMILY, RedisServer, skip_or_fail
+
+pytestmark = [pytest.mark.root, pytest.mark.server]
 
 MAX_HOLD = 30.0          # the pause's server-side deadline; the whole rehearsal takes a few s
 FREEZE_DEADLINE = 20     # rehearse's independent thaw, should anything hang

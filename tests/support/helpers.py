@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-FAKES = Path(__file__).parent / "fakes"
+FAKES = Path(__file__).parents[1] / "fakes"
 QUIESCE = [sys.executable, "-m", "quiesce"]
 
 
