@@ -143,7 +143,7 @@ def test_every_invariant_names_tests_that_exist():
                 missing.append(f"invariant {number}: no file {file}")
             elif name and name not in defined_tests(ROOT / file):
                 missing.append(f"invariant {number}: {file} has no test {name}")
-    assert missing == []
+    assert missing == [], f"{ARCHITECTURE.name} names tests that do not exist: {missing}"
 
 
 # Names of documents that live outside the repository; the repository must stand alone.
