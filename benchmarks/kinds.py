@@ -1,7 +1,7 @@
 """The databases under test: how to start N targets of a kind, how the writer reaches
 them, how quiesce is configured for them, and how the baseline script is called.
 
-Servers come from tests/servers.py (throwaway, loopback or unix socket only, temporary
+Servers come from tests/support/servers.py (throwaway, loopback or unix socket only, temporary
 directories, always stopped). What a "target" is, per kind, and why:
 
 * SQLite: N database files (WAL) in one directory; one target each. This is what a
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests import servers  # noqa: E402  (the repo root must be on sys.path first)
+from tests.support import servers  # noqa: E402  (the repo root must be on sys.path first)
 
 BASELINE_DIR = Path(__file__).resolve().parent / "baseline"
 

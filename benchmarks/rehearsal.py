@@ -121,7 +121,7 @@ def loop_mount(stack) -> tuple[str | None, str]:
     if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
         return None, "not root, or no loop devices: the host's freeze is left out"
     try:
-        from tests.loopfs import LoopFactory
+        from tests.support.loopfs import LoopFactory
         factory = LoopFactory()
         stack.callback(factory.cleanup)
         return str(factory("ext4", 64).mountpoint), "an idle 64 MiB ext4 loop filesystem"

@@ -14,7 +14,7 @@ single-holder lock and the time budgets. It releases every target on the first o
 * SIGTERM or SIGINT.
 
 It keeps its state on tmpfs and its log lines in memory until the targets are released,
-because the host may freeze every disk filesystem while it holds. Its control socket is
+because the host may freeze every disk filesystem while it holds (invariant 2 in docs/architecture.md). Its control socket is
 an abstract unix socket named after the runtime dir: bound by ``freeze`` before anything
 else, it is the single-holder lock and lives exactly as long as the holder serves,
 whatever happens to the files in the runtime dir. After a release nobody has been told

@@ -2,7 +2,7 @@
 
 Commands log to the configured file. The holder, and `thaw` when it must release targets
 itself, keep their records in memory and open the file only after the targets are
-released (DESIGN.md invariant 2): until then the host may have frozen every filesystem,
+released (invariant 2 in docs/architecture.md): until then the host may have frozen every filesystem,
 and even creating a log file there would block for good.
 """
 

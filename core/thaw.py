@@ -7,7 +7,7 @@ still recorded as held does it hand over to the full CLI (``quiesce thaw``), whi
 loads the adapters to release server-kept state.
 
 Nothing here writes to a disk filesystem: the runtime directory is on tmpfs and the
-report goes to stdout.
+report goes to stdout (invariant 2 in docs/architecture.md).
 """
 
 from __future__ import annotations

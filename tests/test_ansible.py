@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_sqlite
-from tests.servers import RedisServer, skip_or_fail
+from tests.support.helpers import make_sqlite
+from tests.support.servers import RedisServer, skip_or_fail
+
+# The role writes root-owned files; a playbook run takes seconds.
+pytestmark = [pytest.mark.root, pytest.mark.server, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,8 +13,8 @@ import yaml
 from quiesce.hosts import aws_dlm
 from quiesce.hosts.aws_dlm import DlmEmulator, InvalidParameters
 
-from .helpers import run, write_config
-from .hostkit import FIXED, compare, held, install, lines, real_settings
+from .support.helpers import run, write_config
+from .support.hostkit import FIXED, compare, held, install, lines, real_settings
 
 EXEC_ID = "0f0e0d0c-0b0a-0908-0706-050403020100"
 

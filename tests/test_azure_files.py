@@ -23,8 +23,8 @@ import pytest
 
 import quiesce.thaw
 
-from .azurekit import JSON_PATH, POST_PATH, PRE_PATH, WORKLOAD_CONF_PATH, install, under
-from .helpers import QUIESCE, make_sqlite, run, sqlite_writable, write_config
+from .support.azurekit import JSON_PATH, POST_PATH, PRE_PATH, WORKLOAD_CONF_PATH, install, under
+from .support.helpers import QUIESCE, make_sqlite, run, sqlite_writable, write_config
 
 #: 2026-12-04T15:37:09.123+00:00 and a space: ISO 8601 with milliseconds and the offset.
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d ")

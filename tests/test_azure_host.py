@@ -1,10 +1,12 @@
-"""`quiesce rehearse azure`: the host's decision table (azure-host.md §4.4), its
-validation codes (§2) and the way it runs scripts (§3, §4), with our own small scripts.
+"""`quiesce rehearse azure`: the host's decision table, its validation codes
+and the way it runs scripts (docs/azure.md, "Rehearsal"), with our own small scripts.
 
 Each script appends its name to an events file and the snapshot step appends
 ``snapshot``, so every test sees what ran and in which order, not only what the report
-claims. Runs use ScriptsExecutionPollTimeSeconds 1 (the host's minimum), so a rehearsal
-that runs both scripts takes about three seconds, as it would on the host.
+claims. Runs use ScriptsExecutionPollTimeSeconds 1 (the host's minimum) and look at the
+scripts every ``REHEARSAL_POLL`` (tests/support/helpers.py) rather than every second, so a
+rehearsal takes as long as its scripts, not whole polls; the host's timeouts keep their
+length. test_relative_root_rehearses_like_an_absolute_one runs at the host's own poll.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import pytest
 
 from quiesce.hosts.azure import SHIPPED_HOST_CONF, AzureHost
 
-from .azurekit import (HOST_CONF_PATH, JSON_PATH, NOBODY, Stage, edit_json, install,
+from .support.azurekit import (HOST_CONF_PATH, JSON_PATH, NOBODY, Stage, edit_json, install,
                        rehearse, result, timeline, under)
-from .helpers import QUIESCE, make_sqlite, wait_until, write_config
+from .support.helpers import QUIESCE, make_sqlite, wait_until, write_config
 
 FS = "file-system"
 APP = "application"
@@ -94,6 +96,7 @@ def test_decision_table(stage, row):
             assert events.index("post") < events.index("pre-end")
 
 
+@pytest.mark.root
 def test_no_fsfreeze_means_no_freeze_even_when_asked(stage, loopfs):
     fs = loopfs()
     stage.scripts()

@@ -21,8 +21,8 @@ import pytest
 import quiesce.thaw
 from quiesce.runtime import read_state, runtime_dir_of
 
-from .azurekit import edit_json, install, process_ended, rehearse, result
-from .helpers import make_sqlite, records, run, sqlite_writable, wait_until, write_config
+from .support.azurekit import edit_json, install, process_ended, rehearse, result
+from .support.helpers import make_sqlite, records, run, sqlite_writable, wait_until, write_config
 
 FAKES = ("gate", "slowstart")
 TIMEOUT = 2  # the host's timeoutInSeconds for these runs

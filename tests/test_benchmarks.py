@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# benchmarks/run.py --quick: real servers, a loop filesystem, about a minute.
+pytestmark = [pytest.mark.root, pytest.mark.server, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 STATS = {"median", "p95", "min", "max", "n"}
 FIGURE_KEYS = {"kind", "label", "variant", "tool", "targets", "step_s", "blocks_writers", "cycles",

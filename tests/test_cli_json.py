@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import make_sqlite, run, write_config
+from .support.helpers import make_sqlite, run, write_config
 
 
 def _json(proc) -> dict:

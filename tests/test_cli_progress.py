@@ -9,7 +9,7 @@ import select
 import subprocess
 import time
 
-from .helpers import QUIESCE, env_with, make_sqlite, run, write_config
+from .support.helpers import QUIESCE, env_with, make_sqlite, run, write_config
 
 
 def _run_on_a_pty(argv: list[str], timeout: float = 60) -> tuple[int, str]:

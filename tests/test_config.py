@@ -12,7 +12,7 @@ from quiesce import ConfigError, Target
 from quiesce.config import load, parse
 from quiesce.plugins import load_adapters
 
-from .helpers import QUIESCE, make_sqlite, run, wait_until, write_config
+from .support.helpers import QUIESCE, make_sqlite, run, wait_until, write_config
 
 
 @pytest.fixture
@@ -65,6 +65,7 @@ def test_world_readable_config_is_refused_with_the_fix(tmp_path, adapters):
         load(str(path), adapters)
 
 
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a file to another user")
 def test_config_owned_by_another_user_is_refused(tmp_path, adapters):
     path = write_config(tmp_path, {"app": {"kind": "sqlite", "path": "/x.db"}})

@@ -16,7 +16,7 @@ from quiesce import ConfigError
 from quiesce.config import load
 from quiesce.plugins import load_adapters
 
-from .helpers import run
+from .support.helpers import run
 
 ADAPTERS = load_adapters(load_entrypoints=False)
 _WORK = tempfile.TemporaryDirectory(prefix="quiesce-fuzz-")  # removed with the module

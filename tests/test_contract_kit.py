@@ -241,6 +241,7 @@ def of(results, cls, *statuses):
             if c == cls and status in statuses}
 
 
+@pytest.mark.slow
 def test_a_thaw_that_does_not_release_fails_the_kit_naming_the_promise(kit_run):
     proc, results = kit_run
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -260,6 +261,7 @@ def test_a_thaw_that_does_not_release_fails_the_kit_naming_the_promise(kit_run):
         in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_check_that_locks_fails_the_kit_naming_the_promise(kit_run):
     _, results = kit_run
     assert of(results, "TestGreedy", "failure", "error") == {"test_check_takes_no_lock": (
@@ -267,6 +269,7 @@ def test_a_check_that_locks_fails_the_kit_naming_the_promise(kit_run):
         "right after check did not commit within 0.5 s")}
 
 
+@pytest.mark.slow
 def test_a_flush_only_adapter_keeps_the_contract_with_durable_writes(kit_run):
     _, results = kit_run
     assert of(results, "TestFlushy", "failure", "error") == {}
@@ -279,6 +282,7 @@ def test_a_flush_only_adapter_keeps_the_contract_with_durable_writes(kit_run):
             "test_thaw_after_the_holder_died"} <= set(of(results, "TestFlushy", "passed"))
 
 
+@pytest.mark.slow
 def test_a_flush_only_adapter_that_flushes_nothing_fails_the_durable_promise(kit_run):
     _, results = kit_run
     assert of(results, "TestLiar", "failure", "error") == {

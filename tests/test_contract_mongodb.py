@@ -1,12 +1,12 @@
 """The bundled MongoDB adapter against the conformance kit (quiesce.testing), in two layers.
 
-No mongod can be installed here (tests/mongodb_server.py), so what is verified where:
+No mongod can be installed here (tests/support/mongodb_server.py), so what is verified where:
 
 Wire level (``TestWireLockContract``, ``TestWireJournalContract``; always run)
     The kit drives the real adapter, loaded through its entry point, in worker threads and
     through the real ``quiesce`` command in subprocesses (holder, kill -9, recovery thaw),
     against a MockupDB peer speaking MongoDB's wire protocol: :class:`WireMongod`, the
-    :class:`~tests.mongodb_wire.StatefulMongod` of tests/mongodb_wire.py (which keeps the
+    :class:`~tests.support.mongodb_wire.StatefulMongod` of tests/support/mongodb_wire.py (which keeps the
     fsync lock count as mongod does) plus the two things the kit needs from an
     application: it acknowledges the harness's ``insert`` commands, holding each reply
     back while its fsync lock count is above 0, as mongod holds writes behind an fsync
@@ -21,7 +21,7 @@ Wire level (``TestWireLockContract``, ``TestWireJournalContract``; always run)
     and the "errors" promise (a closed port: real driver, real timeouts) are fully real.
 
 Real server (``TestRealLockContract``, ``TestRealJournalContract``)
-    The same harness against a throwaway one-member replica set (tests/mongodb_server.py)
+    The same harness against a throwaway one-member replica set (tests/support/mongodb_server.py)
     when a ``mongod`` is on PATH (or QUIESCE_MONGOD names one); skipped otherwise with the
     reason. There "blocked" is mongod's own fsync lock, and "durable" is
     replSetGetStatus' ``lastStableRecoveryTimestamp`` (the most recent checkpoint) at or
@@ -57,14 +57,14 @@ import pytest
 from quiesce import Hold, Target
 from quiesce.testing import AdapterContract, BaseHarness
 
-from .mongodb_server import Mongod, free_port, mongod_binary
+from .support.mongodb_server import Mongod, free_port, mongod_binary
 
 pymongo = pytest.importorskip("pymongo")
 pytest.importorskip("mockupdb")
 
 from bson import ObjectId  # noqa: E402  (after the importorskip of pymongo)
 
-from .mongodb_wire import StatefulMongod  # noqa: E402  (needs mockupdb)
+from .support.mongodb_wire import StatefulMongod  # noqa: E402  (needs mockupdb)
 
 NO_REAL_MONGOD = ("no mongod (none on PATH, QUIESCE_MONGOD unset): the MongoDB adapter is "
                   "covered at the wire level by tests/test_mongodb.py and by this module's "
@@ -199,7 +199,7 @@ class MongoHarness(BaseHarness):
                                       "so there is no hold to lose")
         if self.break_by == "restart":
             if self.fake is None:
-                raise NotImplementedError("tests/mongodb_server.py's Mongod cannot restart on "
+                raise NotImplementedError("tests/support/mongodb_server.py's Mongod cannot restart on "
                                           "the same dbpath (stop() removes it)")
             self.fake.restart()
             return
@@ -303,12 +303,14 @@ class TestWireJournalContract(JournalModeContract):
         yield from wire_harness(wire_mongod, "journal")
 
 
+@pytest.mark.server
 class TestRealLockContract(LockModeContract):
     @pytest.fixture
     def harness(self, real_mongod):
         yield from real_harness(real_mongod, "lock")
 
 
+@pytest.mark.server
 class TestRealJournalContract(JournalModeContract):
     @pytest.fixture
     def harness(self, real_mongod):

@@ -1,5 +1,5 @@
 """The bundled MySQL/MariaDB adapter against the conformance kit (quiesce.testing), on the
-real MariaDB started by tests/servers.py."""
+real MariaDB started by tests/support/servers.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from quiesce import Hold, Target
 from quiesce.testing import AdapterContract, BaseHarness
 
-from .servers import free_port
+from .support.servers import free_port
 from .test_mysql import db, option_file  # noqa: F401  (db is a fixture)
 
 
@@ -63,6 +63,7 @@ class MariaDBHarness(BaseHarness):
                       timeout=1.0)
 
 
+@pytest.mark.server
 class TestMariaDBContract(AdapterContract):
     @pytest.fixture
     def harness(self, db, tmp_path):  # noqa: F811

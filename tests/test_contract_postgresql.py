@@ -1,5 +1,5 @@
 """The bundled PostgreSQL adapter against the conformance kit (quiesce.testing), on the real
-PostgreSQL 15 and 18 servers started by tests/servers.py, in both of its modes.
+PostgreSQL 15 and 18 servers started by tests/support/servers.py, in both of its modes.
 
 PostgreSQL's quiesce never blocks writers, so both harnesses are flush-only
 (``flush_only = True``): the kit checks ``durable()`` instead of blocked writes, and skips
@@ -33,7 +33,7 @@ import pytest
 from quiesce import Hold, Target
 from quiesce.testing import AdapterContract, BaseHarness
 
-from .servers import free_port
+from .support.servers import free_port
 
 VERSIONS = ["pg15", "pg18"]
 
@@ -112,6 +112,7 @@ class PostgresHarness(BaseHarness):
                        "dbname": "postgres", **self._settings()}, timeout=1.0)
 
 
+@pytest.mark.server
 class TestCheckpointContract(AdapterContract):
     @pytest.fixture
     def harness(self, pg):
@@ -120,6 +121,7 @@ class TestCheckpointContract(AdapterContract):
         harness.drop()
 
 
+@pytest.mark.server
 class TestBackupContract(AdapterContract):
     @pytest.fixture
     def harness(self, pg, tmp_path):

@@ -1,5 +1,5 @@
 """The bundled Redis adapter against the conformance kit (quiesce.testing), on real Redis
-servers started by tests/servers.py (a fresh server per test, RDB persistence), each test
+servers started by tests/support/servers.py (a fresh server per test, RDB persistence), each test
 once on Redis 7.0 and once on Valkey 8.1 (``make_redis_family``).
 
 mode = "pause" (``TestPauseContract``)
@@ -40,7 +40,7 @@ import pytest
 from quiesce import Hold, Target
 from quiesce.testing import AdapterContract, BaseHarness
 
-from .servers import free_port
+from .support.servers import free_port
 
 #: max_hold (so the pause length) of the target when break_hold waits for the deadline.
 SHORT_HOLD = 2.0
@@ -116,6 +116,7 @@ class RedisHarness(BaseHarness):
                                         "mode": self.mode}, timeout=1.0)
 
 
+@pytest.mark.server
 class TestPauseContract(AdapterContract):
     empty_thaw_releases = (
         "by design (adapters/redis.py thaw, docs/adapters/redis.md 'nothing recorded'): thaw "
@@ -137,6 +138,7 @@ class TestPauseContract(AdapterContract):
         super().test_lost_session_is_reported_as_broken_hold(contract_kit)
 
 
+@pytest.mark.server
 class TestFlushOnlyContract(AdapterContract):
     @pytest.fixture
     def harness(self, make_redis_family):

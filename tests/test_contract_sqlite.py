@@ -7,7 +7,7 @@ import pytest
 from quiesce import Hold, Target
 from quiesce.testing import AdapterContract, BaseHarness
 
-from .helpers import make_sqlite, sqlite_writable
+from .support.helpers import make_sqlite, sqlite_writable
 
 
 class SqliteHarness(BaseHarness):

@@ -86,7 +86,7 @@ def test_the_man_page_is_generated_from_the_current_cli():
 def test_shell_completion_completes_commands_and_host_names():
     import os
     import subprocess
-    from .helpers import QUIESCE
+    from .support.helpers import QUIESCE
     env = {**os.environ, "_QUIESCE_COMPLETE": "bash_complete"}
 
     def complete(words: str) -> list[str]:
@@ -106,3 +106,64 @@ def test_the_testing_extra_installs_what_quiesce_testing_imports():
         "optional-dependencies"]
     assert any(req.startswith("pytest") for req in extras["testing"])
     assert "quiesce[testing]" in AUTHOR_DOCS.read_text()
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+INVARIANTS_HEADING = "## Invariants and the tests that guard them"
+
+
+def invariant_rows() -> dict[str, list[str]]:
+    """Invariant number -> the test references (`tests/x.py` or `tests/x.py::name`) its row names."""
+    section = ARCHITECTURE.read_text().split(INVARIANTS_HEADING, 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \|.*\| (.*) \|$", section, re.MULTILINE)
+    return {number: re.findall(r"`(tests/[\w/]+\.py(?:::\w+)?)`", tests) for number, tests in rows}
+
+
+def defined_tests(path: Path) -> set[str]:
+    """Test functions of a module: at top level or in a class (then as `Class::test`, too)."""
+    import ast
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names |= {f"{node.name}::{n.name}" for n in node.body
+                      if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return names
+
+
+def test_every_invariant_names_tests_that_exist():
+    rows = invariant_rows()
+    assert sorted(rows, key=int) == [str(n) for n in range(1, 9)], (
+        f"{ARCHITECTURE.name}: the invariants table must have rows 1 to 8, found {sorted(rows)}")
+    missing = []
+    for number, references in rows.items():
+        assert references, f"invariant {number} names no test"
+        for reference in references:
+            file, _, name = reference.partition("::")
+            if not (ROOT / file).is_file():
+                missing.append(f"invariant {number}: no file {file}")
+            elif name and name not in defined_tests(ROOT / file):
+                missing.append(f"invariant {number}: {file} has no test {name}")
+    assert missing == [], f"{ARCHITECTURE.name} names tests that do not exist: {missing}"
+
+
+# Names of documents that live outside the repository; the repository must stand alone.
+OUTSIDE_DOCUMENTS = re.compile(r"\b(?:DESIGN|azure-host|databases|peers|style)\.md\b"
+                               r"|\breference/\w|\.\./shared\b")
+
+
+def test_nothing_cites_a_document_outside_the_repository():
+    here = Path(__file__).resolve()
+    places = ["core", "adapters", "tests", "benchmarks", "docs", "ansible", "adapter-template",
+              "demo"]
+    files = [ROOT / "README.md"] + [path for place in places
+                                     for path in (ROOT / place).rglob("*")
+                                     if path.is_file() and path != here
+                                     and path.suffix in {".py", ".md", ".toml", ".yml", ".yaml",
+                                                         ".sh", ".j2", ".txt", ".cfg", ".1", ""}]
+    citing = [f"{path.relative_to(ROOT)}:{number}"
+              for path in files
+              for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+              if OUTSIDE_DOCUMENTS.search(line)]
+    assert citing == [], "cite docs/ instead of a document the repository does not have"

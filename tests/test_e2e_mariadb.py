@@ -66,11 +66,11 @@ import pytest
 
 from quiesce.runtime import read_state
 
-from .azurekit import install, rehearse, result, timeline
-from .helpers import run, wait_until, write_config
-from .loopfs import _mounted_from
+from .support.azurekit import install, rehearse, result, timeline
+from .support.helpers import run, wait_until, write_config
+from .support.loopfs import _mounted_from
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.server]
 
 MARIADB_CHECK = Path("/usr/bin/mariadb-check")
 QZ_USER, QZ_PASSWORD = "quiesce", "qz-e2e-5190"

@@ -49,11 +49,11 @@ import pytest
 from quiesce.adapters import postgresql_restore as pgmod
 from quiesce.runtime import read_state
 
-from .azurekit import install, rehearse, result
-from .helpers import run, wait_until, write_config
-from .servers import ServerError
+from .support.azurekit import install, rehearse, result
+from .support.helpers import run, wait_until, write_config
+from .support.servers import ServerError
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.server]
 
 CLIENTS = 2
 ACCOUNTS = 1000

@@ -3,7 +3,7 @@ Backup would run it.
 
 Redis keeps its data directory (``dir``: the RDB, or the AOF directory) on a loop-mounted
 ext4 made by the ``loopfs`` fixture; its log and unix socket stay on the root filesystem
-(databases.md §5.5: a Redis log on a frozen filesystem stalls the whole server). A writer
+(a Redis log on a frozen filesystem stalls the whole server: docs/adapters/redis.md). A writer
 thread SETs increasing keys as fast as it can and records, for each one, when it sent the
 command and when Redis acknowledged it. Then, with the real generated files:
 
@@ -50,10 +50,12 @@ from pathlib import Path
 
 import pytest
 
-from .azurekit import install, rehearse, result, timeline
-from .helpers import run, wait_until, write_config
-from .loopfs import _mounted_from
-from .servers import REDIS_FAMILY, RedisServer, skip_or_fail
+from .support.azurekit import install, rehearse, result, timeline
+from .support.helpers import run, wait_until, write_config
+from .support.loopfs import _mounted_from
+from .support.servers import REDIS_FAMILY, RedisServer, skip_or_fail
+
+pytestmark = [pytest.mark.root, pytest.mark.server]
 
 MAX_HOLD = 30.0          # the pause's server-side deadline; the whole rehearsal takes a few s
 FREEZE_DEADLINE = 20     # rehearse's independent thaw, should anything hang

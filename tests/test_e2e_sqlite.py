@@ -1,5 +1,5 @@
 """End to end as root: SQLite on a loop-mounted ext4, real fsfreeze, the volume image
-copied as the snapshot, restored and checked (see tests/loopfs.py).
+copied as the snapshot, restored and checked (see tests/support/loopfs.py).
 
 Only filesystems the loopfs fixture made are frozen, always with a deadline after which
 an independent process thaws them, and the fixture thaws again at teardown.
@@ -19,8 +19,8 @@ import pytest
 from quiesce import fsfreeze
 from quiesce.runtime import read_state, runtime_dir_of
 
-from .azurekit import install, rehearse, result, timeline
-from .helpers import make_sqlite, run, sqlite_writable, wait_until, write_config
+from .support.azurekit import install, rehearse, result, timeline
+from .support.helpers import make_sqlite, run, sqlite_writable, wait_until, write_config
 
 pytestmark = pytest.mark.root
 

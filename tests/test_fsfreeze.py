@@ -1,4 +1,4 @@
-"""quiesce.fsfreeze on real loop-mounted filesystems (root only; see tests/loopfs.py).
+"""quiesce.fsfreeze on real loop-mounted filesystems (root only; see tests/support/loopfs.py).
 
 Only filesystems made by the loopfs fixture are ever frozen. The tests that must not
 freeze anything (refusals) replace the freeze ioctl with one that fails the test, so a
@@ -20,7 +20,9 @@ import pytest
 
 from quiesce import fsfreeze
 from quiesce.fsfreeze import FreezeError, freeze, thaw
-from tests.loopfs import unavailable
+from tests.support.loopfs import unavailable
+
+pytestmark = pytest.mark.root
 
 BLOCK_CHECK = 0.4  # how long a writer must stay blocked to count as blocked
 PROMPT = 1.5  # how soon after a thaw a blocked writer must have finished

@@ -11,8 +11,8 @@ import pytest
 from quiesce.hosts import gcp
 from quiesce.hosts.gcp import GuestAgentEmulator
 
-from .helpers import run
-from .hostkit import FIXED, compare, held, install, lines, real_settings, recorder
+from .support.helpers import run
+from .support.hostkit import FIXED, compare, held, install, lines, real_settings, recorder
 
 SAMPLE = """# Written by the image build.
 [InstanceSetup]

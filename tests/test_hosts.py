@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import make_sqlite, run, sqlite_writable, write_config
+from .support.helpers import make_sqlite, run, sqlite_writable, write_config
 
 SHAPE = {"name": str, "description": str, "agent_present": bool, "bundled": bool}
 
@@ -91,6 +91,7 @@ def fake_setup(tmp_path, monkeypatch):
     runtime.rmdir()
 
 
+@pytest.mark.root
 def test_fake_third_party_host_installs_doctors_and_rehearses(tmp_path, loopfs, fake_setup):
     fs = loopfs()
     db = make_sqlite(fs.mountpoint / "app.db")

@@ -19,8 +19,8 @@ from quiesce.hosts import aws_dlm, gcp, vmware
 from quiesce.hosts.rehearsal import real_freeze
 from quiesce.runtime import read_state, runtime_dir_of
 
-from .helpers import make_sqlite, run, wait_until, write_config
-from .hostkit import held, install
+from .support.helpers import make_sqlite, run, wait_until, write_config
+from .support.hostkit import held, install
 from .test_e2e_sqlite import WRITER
 
 DEADLINE = 20.0

@@ -17,8 +17,8 @@ import sqlite3
 from contextlib import closing
 import pytest
 
-from .helpers import make_sqlite, rehearse_host, run, write_config
-from .qgakit import Writer, events, thaw_mount, when
+from .support.helpers import make_sqlite, rehearse_host, run, write_config
+from .support.qgakit import Writer, events, thaw_mount, when
 from .test_qemu_ga_e2e import _wait_more
 
 pytestmark = pytest.mark.root

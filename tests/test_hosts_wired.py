@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import make_sqlite, rehearse_host, run, write_config
+from .support.helpers import make_sqlite, rehearse_host, run, write_config
 
 #: host -> (extra install options, the file install writes that doctor's rules look at)
 HOSTS = {

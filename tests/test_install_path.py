@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import make_sqlite, write_config
+from .support.helpers import make_sqlite, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_IN_README = "/opt/quiesce"

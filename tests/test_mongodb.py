@@ -8,7 +8,7 @@ Two layers, in one module:
   mongod does (lockCount, errors, hang-ups). They prove the conversation, not mongod's
   behaviour.
 * Real-server tests (``real_mongod``): the same hooks against a throwaway ``mongod``
-  when one is on PATH; skipped with the reason in tests/mongodb_server.py otherwise.
+  when one is on PATH; skipped with the reason in tests/support/mongodb_server.py otherwise.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from quiesce import Hold, HoldBroken, TargetError
 from quiesce.errors import ConfigError
 from quiesce.plugins import load_adapters
 
-from .mongodb_server import NO_MONGOD, Mongod, free_port, mongod_binary
-from .mongodb_wire import ScriptedMongod, StatefulMongod, expect, run_hook
+from .support.mongodb_server import NO_MONGOD, Mongod, free_port, mongod_binary
+from .support.mongodb_wire import ScriptedMongod, StatefulMongod, expect, run_hook
 
 pymongo = pytest.importorskip("pymongo")
 
@@ -567,7 +567,7 @@ def test_cli_freeze_holds_the_lock_until_thaw(adapters, fakes, tmp_path):
     The peer is a fake that keeps mongod's lock count; what is asserted is the count the
     server would have (1 while held, 0 after), not blocked writers: that needs a mongod.
     """
-    from .helpers import run, write_config
+    from .support.helpers import run, write_config
     fake = fakes("secondary", cls=StatefulMongod)
     config = write_config(tmp_path, {"m": {"kind": "mongodb", "uri": fake.uri, "mode": "lock"}},
                           max_hold=30, timeout=5)
@@ -587,7 +587,7 @@ def test_cli_freeze_holds_the_lock_until_thaw(adapters, fakes, tmp_path):
 
 def test_cli_watchdog_releases_the_lock_at_max_hold(fakes, tmp_path):
     """No thaw comes: the holder's watchdog unlocks, because mongod never would."""
-    from .helpers import run, wait_until, write_config
+    from .support.helpers import run, wait_until, write_config
     fake = fakes("secondary", cls=StatefulMongod)
     config = write_config(tmp_path, {"m": {"kind": "mongodb", "uri": fake.uri, "mode": "lock"}},
                           max_hold=1.5, timeout=5)
@@ -605,7 +605,7 @@ def test_cli_thaw_after_the_holder_was_killed_releases_from_the_record(fakes, tm
     """The crash path: no holder, only the facts on tmpfs; the lock is still released."""
     import os
     import signal
-    from .helpers import run, write_config
+    from .support.helpers import run, write_config
     fake = fakes("secondary", cls=StatefulMongod)
     config = write_config(tmp_path, {"m": {"kind": "mongodb", "uri": fake.uri, "mode": "lock"}},
                           max_hold=30, timeout=5)
@@ -627,7 +627,7 @@ def test_cli_thaw_after_the_holder_was_killed_releases_from_the_record(fakes, tm
 @pytest.fixture(scope="module")
 def real_mongod():
     if not mongod_binary():
-        pytest.skip(NO_MONGOD)  # allowed in CI too: DESIGN.md says no mongod is installable
+        pytest.skip(NO_MONGOD)  # allowed in CI too: no mongod is installable here
     server = Mongod().start()
     try:
         yield server
@@ -645,6 +645,7 @@ def _writer(server, results: dict) -> threading.Thread:
     return thread
 
 
+@pytest.mark.server
 def test_real_journal_mode_cycle(adapters, real_mongod):
     t = target(adapters, real_mongod.uri.split("?")[0])
     facts = adapters.call("check", t)
@@ -653,6 +654,7 @@ def test_real_journal_mode_cycle(adapters, real_mongod):
     assert adapters.call("quiesce", t) is None
 
 
+@pytest.mark.server
 def test_real_lock_refuses_the_primary_without_allow_primary(adapters, real_mongod):
     t = target(adapters, real_mongod.uri.split("?")[0], mode="lock")
     with pytest.raises(TargetError, match="PRIMARY"):
@@ -663,6 +665,7 @@ def test_real_lock_refuses_the_primary_without_allow_primary(adapters, real_mong
         assert not client.admin.command({"currentOp": 1, "$ownOps": True}).get("fsyncLock")
 
 
+@pytest.mark.server
 def test_real_lock_blocks_writers_until_thaw_from_another_thread(adapters, real_mongod):
     t = target(adapters, real_mongod.uri.split("?")[0], mode="lock", allow_primary=True)
     adapters.call("check", t)
@@ -683,6 +686,7 @@ def test_real_lock_blocks_writers_until_thaw_from_another_thread(adapters, real_
         real_mongod.unlock_all()
 
 
+@pytest.mark.server
 def test_real_someone_elses_lock_is_refused_and_reported(adapters, real_mongod):
     t = target(adapters, real_mongod.uri.split("?")[0], mode="lock", allow_primary=True)
     with real_mongod.client() as other:
@@ -701,6 +705,7 @@ def test_real_someone_elses_lock_is_refused_and_reported(adapters, real_mongod):
             real_mongod.unlock_all()
 
 
+@pytest.mark.server
 def test_real_check_names_the_role_for_a_backup_only_user(adapters, real_mongod, tmp_path):
     host = real_mongod.uri.split("//")[1].split("/")[0]
     with real_mongod.client() as client:

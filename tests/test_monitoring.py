@@ -22,8 +22,9 @@ import pytest
 
 from quiesce import publish
 
-from .helpers import make_sqlite, run, wait_until, write_config
-from .servers import free_port, skip_or_fail
+from .support.helpers import make_sqlite, run, wait_until, write_config
+from .support.markers import require
+from .support.servers import free_port, skip_or_fail
 
 NODE_EXPORTER = Path("/usr/bin/prometheus-node-exporter")
 HOST = socket.gethostname()
@@ -50,7 +51,8 @@ def received(sock: socket.socket) -> list[str]:
 
 
 @pytest.fixture
-def node_exporter(tmp_path):
+def node_exporter(request, tmp_path):
+    require(request, "server")
     if not NODE_EXPORTER.exists():
         skip_or_fail(f"{NODE_EXPORTER} is missing: apt-get install prometheus-node-exporter")
     textfiles = tmp_path / "textfiles"
@@ -95,6 +97,7 @@ def _cycle_config(tmp_path, db, syslog_path, metrics_dir, **settings):
                         metrics_dir=str(metrics_dir), syslog_socket=str(syslog_path), **settings)
 
 
+@pytest.mark.server
 def test_metrics_scraped_from_node_exporter_and_one_line_per_cycle(tmp_path, node_exporter, syslog):
     textfiles, url = node_exporter
     syslog_path, sock = syslog

@@ -1,6 +1,6 @@
 """The MySQL/MariaDB adapter.
 
-Against the real MariaDB 10.11 started by tests/servers.py: every hold is checked from
+Against the real MariaDB 10.11 started by tests/support/servers.py: every hold is checked from
 outside, with writers on their own connections (blocked during the hold, flowing after
 thaw), long-running writes that would make a global lock queue, a killed holder session,
 a replica, the coordinates file, and missing privileges.
@@ -27,7 +27,7 @@ from quiesce.adapters import mysql_strategies as strategies
 from quiesce.adapters import mysql_connection, mysql_options
 from quiesce.plugins import load_adapters
 
-from .helpers import run, wait_until, write_config
+from .support.helpers import run, wait_until, write_config
 
 PASSWORD = "qz-pass-7431"
 BOUND_SLACK = 1.5     # generous: scheduling and the writer's own round trips
@@ -214,6 +214,7 @@ def master_status(server):
     return file, int(pos), gtid
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("strategy", ["backup_stage", "ftwrl"])
 def test_hold_blocks_writers_until_thaw_and_records_coordinates(adapters, db, tmp_path, strategy):
     target = target_for(db, tmp_path, strategy=strategy)
@@ -263,6 +264,8 @@ def client_files(tmp_path, monkeypatch, socket: str) -> None:
     monkeypatch.setattr(mysql_options, "DEFAULT_SOCKETS", ())
 
 
+@pytest.mark.root
+@pytest.mark.server
 def test_a_target_with_only_a_kind_connects_like_the_mysql_client(adapters, db, tmp_path,
                                                                    monkeypatch):
     """root on the server's socket with unix_socket authentication, found through the
@@ -279,6 +282,7 @@ def test_a_target_with_only_a_kind_connects_like_the_mysql_client(adapters, db, 
         adapters.call("thaw", target, hold=hold)
 
 
+@pytest.mark.server
 def test_without_option_files_or_a_socket_it_is_tcp_to_localhost_as_pymysql(adapters, db, tmp_path,
                                                                            monkeypatch):
     monkeypatch.setattr(mysql_options, "DEFAULT_FILES", ())
@@ -312,6 +316,7 @@ def test_option_files_are_read_with_the_clients_rules(tmp_path):
                      "port": "3307"}
 
 
+@pytest.mark.server
 def test_check_reports_server_and_account(adapters, db, tmp_path):
     target = target_for(db, tmp_path)
     adapters.call("validate", target)
@@ -324,6 +329,7 @@ def test_check_reports_server_and_account(adapters, db, tmp_path):
     assert facts["version"].startswith("10.11")
 
 
+@pytest.mark.server
 def test_long_write_makes_ftwrl_give_up_without_blocking_writers(adapters, db, tmp_path, long_query):
     q = long_query("UPDATE qmy.t SET v = v + SLEEP(60) WHERE id = 1")
     target = target_for(db, tmp_path, strategy="ftwrl", long_query_threshold=0.5, lock_retries=1)
@@ -344,6 +350,7 @@ def test_long_write_makes_ftwrl_give_up_without_blocking_writers(adapters, db, t
     assert q.is_alive(), "the long query was killed although kill_long_queries is off"
 
 
+@pytest.mark.server
 def test_unseen_long_write_stalls_writers_at_most_lock_wait_timeout(adapters, db, tmp_path,
                                                                      long_query):
     """The race the precheck cannot close (the long write is younger than the threshold):
@@ -364,6 +371,7 @@ def test_unseen_long_write_stalls_writers_at_most_lock_wait_timeout(adapters, db
     assert writable(db), "a write did not go through right after the failed attempt"
 
 
+@pytest.mark.server
 def test_backup_stage_ignores_long_innodb_writes_but_bounds_a_myisam_one(adapters, db, tmp_path,
                                                                           long_query):
     # A long InnoDB write does not hold BACKUP STAGE up: no precheck refusal, no wait.
@@ -391,6 +399,7 @@ def test_backup_stage_ignores_long_innodb_writes_but_bounds_a_myisam_one(adapter
     assert writable(db, "qmy.m2") and writable(db, "qmy.t")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("strategy, table", [("ftwrl", "qmy.t"), ("backup_stage", "qmy.m")])
 def test_kill_long_queries_kills_the_blocker_and_quiesces(adapters, db, tmp_path, long_query,
                                                           strategy, table):
@@ -410,6 +419,7 @@ def test_kill_long_queries_kills_the_blocker_and_quiesces(adapters, db, tmp_path
     assert writable(db)
 
 
+@pytest.mark.server
 def test_killed_holder_session_releases_the_lock_and_thaw_says_broken(adapters, db, tmp_path):
     target = target_for(db, tmp_path)
     _, hold = freeze(adapters, target)
@@ -426,6 +436,7 @@ def test_killed_holder_session_releases_the_lock_and_thaw_says_broken(adapters, 
     assert adapters.call("thaw", target, hold=Hold(session=None, facts=hold.facts)) is None
 
 
+@pytest.mark.server
 def test_thaw_releases_even_when_the_settings_went_bad_meanwhile(adapters, db, tmp_path):
     target = target_for(db, tmp_path)
     _, hold = freeze(adapters, target)
@@ -436,6 +447,7 @@ def test_thaw_releases_even_when_the_settings_went_bad_meanwhile(adapters, db, t
     assert w.done.wait(5) and w.error is None
 
 
+@pytest.mark.server
 def test_server_side_deadline_releases_a_forgotten_hold(adapters, db, tmp_path):
     """wait_timeout on the holder session = max_hold + timeout: if the holder wedges and no
     thaw or watchdog ever comes, the server itself ends the session and its lock."""
@@ -450,6 +462,7 @@ def test_server_side_deadline_releases_a_forgotten_hold(adapters, db, tmp_path):
         adapters.call("thaw", target, hold=hold)
 
 
+@pytest.mark.server
 def test_account_without_reload_is_told_the_grant_and_nothing_is_held(adapters, db, tmp_path):
     for strategy in ("auto", "ftwrl"):
         target = target_for(db, tmp_path, user="qz_noreload", strategy=strategy)
@@ -462,6 +475,7 @@ def test_account_without_reload_is_told_the_grant_and_nothing_is_held(adapters, 
     assert not db.sql("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'qz_noreload'")
 
 
+@pytest.mark.server
 def test_kill_long_queries_needs_connection_admin(adapters, db, tmp_path):
     target = target_for(db, tmp_path, user="qz_noreload", kill_long_queries=True)
     adapters.call("validate", target)
@@ -470,6 +484,7 @@ def test_kill_long_queries_needs_connection_admin(adapters, db, tmp_path):
     assert "GRANT RELOAD, CONNECTION ADMIN ON *.* TO 'qz_noreload'@'127.0.0.1'" in str(e.value)
 
 
+@pytest.mark.server
 def test_client_read_timeout_kills_our_own_queued_lock_request(db, tmp_path, long_query):
     """If the server does not answer in time, the adapter kills its own session from a second
     connection: a pending FTWRL must not stay queued with writers behind it."""
@@ -498,6 +513,7 @@ def test_client_read_timeout_kills_our_own_queued_lock_request(db, tmp_path, lon
     assert writable(db)
 
 
+@pytest.mark.server
 def test_unwritable_coordinates_file_releases_and_fails(adapters, db, tmp_path):
     target = target_for(db, tmp_path, coordinates_file=str(tmp_path / "missing" / "c.json"))
     adapters.call("validate", target)
@@ -515,6 +531,7 @@ def test_unwritable_coordinates_file_releases_and_fails(adapters, db, tmp_path):
     adapters.call("thaw", target, hold=hold)
 
 
+@pytest.mark.server
 def test_replica_sql_thread_stopped_during_hold_and_restarted(adapters, db, make_mariadb, tmp_path):
     replica = make_mariadb(options={"server-id": 2})
     gtid = db.sql("SELECT @@GLOBAL.gtid_binlog_pos")[0][0]
@@ -563,6 +580,7 @@ def run_json(config, *args):
                              f"\n{proc.stdout}\n{proc.stderr}") from None
 
 
+@pytest.mark.server
 def test_freeze_and_thaw_through_the_cli(db, tmp_path):
     config = write_config(tmp_path, {"db": {"kind": "mysql", "timeout": 5,
                                             "option_file": option_file(tmp_path, db)}}, max_hold=30)

@@ -9,7 +9,7 @@ import pytest
 from quiesce import AdapterConflictError, Target
 from quiesce.plugins import DEFAULT_ADAPTERS, HOOKS, load_adapters
 
-from .helpers import FAKES, run
+from .support.helpers import FAKES, run
 
 
 def test_bundled_adapters_are_registered_under_their_kind():
@@ -91,7 +91,7 @@ def test_help_imports_no_driver_and_no_adapter():
 
 
 def test_a_missing_driver_is_one_line_naming_the_extra(tmp_path):
-    from .helpers import write_config
+    from .support.helpers import write_config
     config = write_config(tmp_path, {"main": {"kind": "postgresql", "dsn": "host=127.0.0.1"}})
     proc = run(config, "check", "--json", fakes=("nodrivers",), check_json=True)
     assert proc.returncode == 1

@@ -28,7 +28,7 @@ from quiesce import ConfigError, Hold, HoldBroken, TargetError
 from quiesce.adapters import postgresql_restore as pgmod
 from quiesce.plugins import load_adapters
 
-from .helpers import run, wait_until, write_config
+from .support.helpers import run, wait_until, write_config
 
 VERSIONS = ["pg15", "pg18"]
 
@@ -186,6 +186,7 @@ def test_thaw_without_a_session_never_connects(adapters, tmp_path):
 
 # ------------------------------------------------------------------------- checkpoint mode
 
+@pytest.mark.server
 def test_checkpoint_mode(adapters, pg, table):
     target = validated(adapters, target_for(pg))
     facts = adapters.call("check", target)
@@ -215,6 +216,7 @@ def test_checkpoint_mode(adapters, pg, table):
 
 # ------------------------------------------------------------------------- backup mode
 
+@pytest.mark.server
 def test_backup_mode_holds_the_backup_and_writes_the_label(adapters, pg, table, tmp_path):
     target = validated(adapters, target_for(pg, dsn=pg.dsn(), mode="backup",
                                             label_dir=str(tmp_path)))
@@ -260,6 +262,7 @@ def test_backup_mode_holds_the_backup_and_writes_the_label(adapters, pg, table, 
     assert pgmod.lsn_to_int(thawed["stop_lsn"]) > pgmod.lsn_to_int(hold.facts["start_lsn"])
 
 
+@pytest.mark.server
 def test_killed_holder_session_makes_thaw_report_a_broken_hold(adapters, pg, tmp_path):
     target = validated(adapters, target_for(pg, mode="backup", label_dir=str(tmp_path)))
     hold = adapters.call("quiesce", target)
@@ -273,6 +276,7 @@ def test_killed_holder_session_makes_thaw_report_a_broken_hold(adapters, pg, tmp
     assert list(tmp_path.iterdir()) == [], "no label may be written for an aborted backup"
 
 
+@pytest.mark.server
 def test_a_stuck_checkpoint_is_bounded_and_leaves_nothing_held(adapters, pg, tmp_path):
     """With the checkpointer stopped (SIGSTOP), CHECKPOINT and pg_backup_start cannot finish."""
     [(checkpointer,)] = pg.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
@@ -292,6 +296,7 @@ def test_a_stuck_checkpoint_is_bounded_and_leaves_nothing_held(adapters, pg, tmp
         os.kill(checkpointer, signal.SIGCONT)
 
 
+@pytest.mark.server
 def test_server_wide_idle_timeouts_do_not_end_the_hold(adapters, pg, tmp_path):
     pg.sql("ALTER SYSTEM SET idle_session_timeout = '1s'")
     pg.sql("ALTER SYSTEM SET idle_in_transaction_session_timeout = '1s'")
@@ -313,6 +318,7 @@ def test_server_wide_idle_timeouts_do_not_end_the_hold(adapters, pg, tmp_path):
         pg.sql("SELECT pg_reload_conf()")
 
 
+@pytest.mark.server
 def test_role_without_privileges_gets_the_exact_grant(adapters, pg, tmp_path):
     role = f"backup_{uuid.uuid4().hex[:6]}"
     password = uuid.uuid4().hex
@@ -353,6 +359,7 @@ def test_role_without_privileges_gets_the_exact_grant(adapters, pg, tmp_path):
         pg.sql(f"DROP ROLE {role}")
 
 
+@pytest.mark.server
 def test_wrong_password_and_unreachable_server_are_clear(adapters, pg, tmp_path):
     passfile = private_file(tmp_path / "pgpass", f"*:*:*:nobody_here:wrong-pw\n")
     target = validated(adapters, target_for(pg, user="nobody_here", passfile=passfile))
@@ -380,6 +387,7 @@ def copy_live_datadir(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o700)
 
 
+@pytest.mark.server
 def test_restore_prepare_needs_the_wal_and_then_restores(adapters, make_pg, server_tmp_path):
     archive = server_tmp_path / "archive"
     archive.mkdir()
@@ -470,6 +478,7 @@ def test_restore_prepare_needs_the_wal_and_then_restores(adapters, make_pg, serv
     assert wait_until(lambda: quiesce_sessions(server) == [], 5)
 
 
+@pytest.mark.server
 def test_both_modes_on_a_standby_and_a_standby_backup_restores(adapters, make_pg,
                                                               server_tmp_path):
     primary = make_pg()
@@ -556,6 +565,7 @@ def test_restore_prepare_rejects_foreign_or_missing_labels(tmp_path):
 
 # ------------------------------------------------------------------------- CLI
 
+@pytest.mark.server
 def test_freeze_and_thaw_through_the_cli(pg15, tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -588,6 +598,7 @@ def test_freeze_and_thaw_through_the_cli(pg15, tmp_path):
     assert proc.report["outcomes"][0]["facts"]["stop_lsn"]
 
 
+@pytest.mark.server
 def test_a_target_with_only_a_kind_connects_where_psql_would(adapters, pg, monkeypatch):
     """No keys: libpq's own defaults and PG* variables, as psql takes them (its socket
     directory through PGHOST, here the test server's)."""

@@ -26,8 +26,8 @@ import pytest
 from quiesce.hosts.qemu_ga import hook_from_argv
 from quiesce.hosts.qga import AgentError, PrivateAgent
 
-from .helpers import make_sqlite, run, sqlite_writable, wait_until, write_config
-from .qgakit import (HOOK, QEMU_GA, events, install, rehearse, require_agent, stage_root,
+from .support.helpers import make_sqlite, run, sqlite_writable, wait_until, write_config
+from .support.qgakit import (HOOK, QEMU_GA, events, install, rehearse, require_agent, stage_root,
                      thaw_mount)
 
 CONF = "etc/qemu/qemu-ga.conf"
@@ -127,6 +127,7 @@ def test_hook_enabled_is_read_from_the_agents_command_line():
     assert hook_from_argv(["qemu-ga", "--fsfreeze-hook"]) == "/etc/qemu/fsfreeze-hook"
 
 
+@pytest.mark.server
 def test_the_client_never_sends_a_freeze_of_every_filesystem():
     require_agent()
     with PrivateAgent(QEMU_GA, None) as agent:
@@ -152,6 +153,8 @@ def test_rehearsal_refuses_to_freeze_without_a_named_mount(stage, tmp_path):
     assert not any(e.startswith("guest-fsfreeze") for e in events(proc.report))
 
 
+@pytest.mark.server
+@pytest.mark.root
 @pytest.mark.parametrize("on_failure", ["hold-others", "release-all"])
 def test_a_target_down_the_agent_still_freezes_and_quiesce_tells_the_truth(stage, tmp_path, loopfs,
                                                                           on_failure):
@@ -193,6 +196,8 @@ def _quiesce_freeze_pids(config: Path) -> list[int]:
     return found
 
 
+@pytest.mark.server
+@pytest.mark.root
 def test_a_killed_hook_leaves_nothing_quiesced_and_says_so(stage, tmp_path, loopfs):
     fs = loopfs()
     stage.enable()
@@ -230,6 +235,8 @@ def test_a_killed_hook_leaves_nothing_quiesced_and_says_so(stage, tmp_path, loop
     assert status["held"] is False, status
 
 
+@pytest.mark.server
+@pytest.mark.root
 def test_the_hypervisors_timeout_while_the_hook_runs_still_ends_thawed(stage, tmp_path, loopfs):
     fs = loopfs()
     stage.enable()
@@ -253,6 +260,7 @@ def test_the_hypervisors_timeout_while_the_hook_runs_still_ends_thawed(stage, tm
     assert sqlite_writable(stage.db)
 
 
+@pytest.mark.root
 def test_emulated_rehearsal_says_so_and_runs_the_dispatcher(stage, tmp_path, loopfs):
     fs = loopfs()
     stage.enable()

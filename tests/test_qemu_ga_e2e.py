@@ -32,12 +32,12 @@ import psycopg
 import pymysql
 import pytest
 
-from .helpers import make_sqlite, run, write_config
-from .qgakit import Writer, events, install, rehearse, require_agent, stage_root, thaw_mount, when
+from .support.helpers import make_sqlite, run, write_config
+from .support.qgakit import Writer, events, install, rehearse, require_agent, stage_root, thaw_mount, when
 from .test_e2e_mariadb import check_every_table
 from .test_e2e_postgresql import amcheck
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.server]
 
 
 def _writers(db: Path, pg, maria, redis) -> dict[str, Writer]:

@@ -1,4 +1,4 @@
-"""The Redis adapter against real Redis 7.0 servers started by tests/servers.py (and, where
+"""The Redis adapter against real Redis 7.0 servers started by tests/support/servers.py (and, where
 Valkey 8 behaves differently, against Valkey).
 
 Every hold is checked from outside: a writer on another connection must block during the
@@ -23,8 +23,8 @@ import quiesce
 from quiesce import Hold, HoldBroken, TargetError
 from quiesce.plugins import load_adapters
 
-from .helpers import run, wait_until, write_config
-from .servers import free_port, skip_or_fail
+from .support.helpers import run, wait_until, write_config
+from .support.servers import free_port, skip_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,7 @@ def test_validate_settings(adapters, tmp_path):
 # -------------------------------------------------- the hold, per persistence configuration
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("persistence", ["rdb", "aof"])
 def test_hold_blocks_writers_serves_readers_and_disk_has_every_write(
         adapters, make_redis, tmp_path, persistence):
@@ -176,6 +177,7 @@ def test_hold_blocks_writers_serves_readers_and_disk_has_every_write(
     assert restored.get("after-flush:99") == b"99" and restored.get("during-hold") is None
 
 
+@pytest.mark.server
 def test_no_persistence_warns_loudly_and_still_pauses(adapters, make_redis):
     server = make_redis(persistence="none")
     target = target_for(server)
@@ -191,6 +193,7 @@ def test_no_persistence_warns_loudly_and_still_pauses(adapters, make_redis):
     assert w.done.wait(5)
 
 
+@pytest.mark.server
 def test_pause_ends_by_itself_at_max_hold_and_thaw_reports_it(adapters, make_redis):
     server = make_redis(persistence="rdb")
     target = target_for(server, max_hold=1.5)
@@ -205,6 +208,7 @@ def test_pause_ends_by_itself_at_max_hold_and_thaw_reports_it(adapters, make_red
         adapters.call("thaw", target, hold=hold)
 
 
+@pytest.mark.server
 def test_thaw_without_holder_releases_the_pause(adapters, make_redis):
     server = make_redis(persistence="aof")
     target = target_for(server)
@@ -224,6 +228,7 @@ def test_thaw_without_holder_releases_the_pause(adapters, make_redis):
     assert writable(server)
 
 
+@pytest.mark.server
 def test_thaw_after_a_redis_restart_reports_the_lost_pause(adapters, make_redis):
     server = make_redis(persistence="aof")
     target = target_for(server)
@@ -233,6 +238,7 @@ def test_thaw_after_a_redis_restart_reports_the_lost_pause(adapters, make_redis)
         adapters.call("thaw", target, hold=hold)
 
 
+@pytest.mark.server
 def test_an_early_unpause_by_another_client_is_reported_on_valkey(adapters, make_valkey):
     """Valkey 8 reports pause state (INFO clients: paused_actions), so thaw can tell that
     someone else's CLIENT UNPAUSE ended the hold early; Redis 7.0 cannot say."""
@@ -245,6 +251,7 @@ def test_an_early_unpause_by_another_client_is_reported_on_valkey(adapters, make
         adapters.call("thaw", target, hold=hold)
 
 
+@pytest.mark.server
 def test_a_pause_still_held_at_thaw_is_ok_on_valkey(adapters, make_valkey):
     server = make_valkey(persistence="rdb")
     target = target_for(server)
@@ -255,6 +262,7 @@ def test_a_pause_still_held_at_thaw_is_ok_on_valkey(adapters, make_valkey):
     assert writable(server)
 
 
+@pytest.mark.server
 def test_flush_only_mode_saves_but_does_not_pause(adapters, make_redis):
     server = make_redis(persistence="rdb")
     server.client().set("k", "v")
@@ -269,6 +277,7 @@ def test_flush_only_mode_saves_but_does_not_pause(adapters, make_redis):
 # ------------------------------------------------------------------------------- saves
 
 
+@pytest.mark.server
 def test_failed_background_save_refuses_flush_and_quiesce(adapters, make_redis, tmp_path):
     # stop-writes-on-bgsave-error no: Redis itself keeps accepting writes after a failed
     # save, so only the adapter stands between a stale RDB and the snapshot
@@ -297,6 +306,7 @@ def test_failed_background_save_refuses_flush_and_quiesce(adapters, make_redis, 
     assert adapters.call("flush", target)["bgsave"]
 
 
+@pytest.mark.server
 def test_flush_waits_for_a_running_save_and_leaves_none_running(adapters, make_redis):
     server = make_redis(persistence="rdb")
     client = server.client()
@@ -318,6 +328,7 @@ def test_flush_waits_for_a_running_save_and_leaves_none_running(adapters, make_r
         adapters.call("flush", short)
 
 
+@pytest.mark.server
 def test_quiesce_waits_for_a_save_started_after_flush(adapters, make_redis):
     server = make_redis(persistence="aof")  # AOF only: no save of its own is needed
     client = server.client()
@@ -336,6 +347,7 @@ def test_quiesce_waits_for_a_save_started_after_flush(adapters, make_redis):
         adapters.call("thaw", target, hold=hold)
 
 
+@pytest.mark.server
 def test_aof_rewrite_only_when_configured(adapters, make_redis):
     server = make_redis(persistence="aof")
     server.client().mset({f"k{i}": i for i in range(40)})
@@ -350,6 +362,7 @@ def test_aof_rewrite_only_when_configured(adapters, make_redis):
     assert info["aof_rewrites"] == 1 and info["aof_rewrite_in_progress"] == 0
 
 
+@pytest.mark.server
 def test_quiesce_that_cannot_finish_its_final_save_releases_writers(adapters, make_redis):
     server = make_redis(persistence="rdb")
     client = server.client()
@@ -368,6 +381,7 @@ def test_quiesce_that_cannot_finish_its_final_save_releases_writers(adapters, ma
 # ------------------------------------------------------------------- ACL, auth, TLS, cluster
 
 
+@pytest.mark.server
 def test_missing_acl_permission_names_the_acl_line_that_works(adapters, make_redis_family,
                                                               tmp_path):
     server = make_redis_family(persistence="rdb", users=[
@@ -405,6 +419,7 @@ def test_missing_acl_permission_names_the_acl_line_that_works(adapters, make_red
     assert w.done.wait(5)
 
 
+@pytest.mark.server
 def test_wrong_password_is_a_clear_error(adapters, make_redis, tmp_path):
     server = make_redis(persistence="none", password="right")
     secret = tmp_path / "pw"
@@ -420,6 +435,7 @@ def test_wrong_password_is_a_clear_error(adapters, make_redis, tmp_path):
     assert adapters.call("check", target)["redis_version"]
 
 
+@pytest.mark.server
 def test_unreachable_server_fails_within_timeout(adapters, make_redis):
     server = make_redis(persistence="none")
     target = target_for(server, timeout=1)
@@ -433,6 +449,7 @@ def test_unreachable_server_fails_within_timeout(adapters, make_redis):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.server
 def test_tls_connection_with_ca_file(adapters, make_redis, tmp_path):
     if shutil.which("openssl") is None:
         skip_or_fail("openssl is not installed (needed to make the test certificates)")
@@ -465,6 +482,7 @@ def test_tls_connection_with_ca_file(adapters, make_redis, tmp_path):
         adapters.call("check", untrusted)
 
 
+@pytest.mark.server
 def test_cluster_node_is_reported_as_one_target(adapters, make_redis):
     server = make_redis(persistence="none", settings={"cluster-enabled": "yes",
                                                       "cluster-port": free_port()})
@@ -478,6 +496,7 @@ def test_cluster_node_is_reported_as_one_target(adapters, make_redis):
 # ------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.server
 def test_cli_freeze_holds_across_holder_death_and_thaw_releases(make_redis, tmp_path):
     server = make_redis(persistence="aof")
     config = write_config(tmp_path, {"cache": {
@@ -502,6 +521,7 @@ def test_cli_freeze_holds_across_holder_death_and_thaw_releases(make_redis, tmp_
         run(config, "thaw")
 
 
+@pytest.mark.server
 def test_a_target_with_only_a_kind_uses_the_socket_the_servers_config_names(
         adapters, make_redis, tmp_path, monkeypatch):
     """Debian's redis.conf with `unixsocket` uncommented: quiesce connects through it."""

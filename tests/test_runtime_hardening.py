@@ -26,9 +26,9 @@ import quiesce.runtime
 import quiesce.thaw
 from quiesce import fsfreeze
 
-from .helpers import (QUIESCE, env_with, make_sqlite, records, run, sqlite_writable,
+from .support.helpers import (QUIESCE, env_with, make_sqlite, records, run, sqlite_writable,
                       wait_until, write_config)
-from .servers import free_port
+from .support.servers import free_port
 
 NOBODY = 65534
 LEAN_THAW = [sys.executable, "-I", "-S", "-B", quiesce.thaw.__file__]
@@ -89,6 +89,7 @@ def test_freeze_refuses_a_runtime_dir_reached_through_a_symlink(tmp_path, shared
     assert sqlite_writable(db)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("how", ["world-writable", "other-owner"])
 def test_freeze_refuses_a_runtime_dir_another_user_could_replace(tmp_path, how):
     parent = tmp_path / "parent"
@@ -129,6 +130,7 @@ IMPOSTOR = textwrap.dedent("""
 """)
 
 
+@pytest.mark.root
 def test_thaw_does_not_trust_an_answer_from_another_user(tmp_path, shared_dir):
     """A runtime_dir link in a shared directory, swapped by another user who answers."""
     db = make_sqlite(tmp_path / "app.db")
@@ -210,6 +212,7 @@ def test_a_new_freeze_takes_over_from_a_holder_that_only_keeps_its_report(tmp_pa
 
 # -- item 5: a holder that does not answer ------------------------------------------------
 
+@pytest.mark.slow
 def test_thaw_gives_up_on_a_stopped_holder_with_exit_3_naming_it(tmp_path):
     db = make_sqlite(tmp_path / "app.db")
     # timeout 1: hard limit 9 s, so the bound is 9 + 5 s; a hang would hit the 120 s guard
@@ -289,6 +292,7 @@ def test_the_stand_in_watchdog_ends_with_its_own_freeze(tmp_path):
         "the old sentinel released the new freeze's target"
 
 
+@pytest.mark.root
 def test_a_holder_stuck_writing_its_log_never_blocks_the_next_freeze(tmp_path, loopfs):
     fs = loopfs()
     db = make_sqlite(tmp_path / "app.db")

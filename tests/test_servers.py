@@ -1,4 +1,4 @@
-"""The throwaway test servers of tests/servers.py really start, serve, restore and stop."""
+"""The throwaway test servers of tests/support/servers.py really start, serve, restore and stop."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import (
+from tests.support.servers import (
     MariaDBServer, Pg15Server, RedisServer, ServerError, ServerFactory, TEST_USER, free_port,
     skip_or_fail,
 )
+
+pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -300,7 +302,7 @@ def test_start_failure_reports_log_tail():
 
 _ORPHAN_SCRIPT = """
 import os, signal, sys
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 server = RedisServer.create(persistence="none")
 print(server.pid, server.workdir, flush=True)
 if sys.argv[1] == "sigkill":

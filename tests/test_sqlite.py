@@ -11,7 +11,7 @@ import pytest
 from quiesce import Hold, HoldBroken, Target, TargetError
 from quiesce.plugins import load_adapters
 
-from .helpers import make_sqlite, sqlite_writable
+from .support.helpers import make_sqlite, sqlite_writable
 
 WRITER = """
 import sqlite3, sys, time

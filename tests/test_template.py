@@ -86,6 +86,7 @@ def clean_env(venv: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.template
 def test_template_renamed_by_its_checklist_installs_and_passes_its_tests(tmp_path):
     # 1. copy, 2. rename with the README's script, 3. the README's leftover check

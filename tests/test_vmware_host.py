@@ -14,8 +14,8 @@ from quiesce.hosts import vmware
 from quiesce.hosts.vmware import (LEGACY_FREEZE, LEGACY_THAW, SCRIPTS_DIR, VmbackupConfig,
                                   VmbackupEmulator)
 
-from .helpers import run
-from .hostkit import FIXED, compare, held, install, lines, real_settings, recorder
+from .support.helpers import run
+from .support.hostkit import FIXED, compare, held, install, lines, real_settings, recorder
 
 FAST_KILL = ((signal.SIGTERM, 0.5), (signal.SIGKILL, 0.5))
 

@@ -140,6 +140,9 @@ class Rehearsal:
     freeze_deadline: float = 60.0
     on_event: Callable[[float, str], None] | None = None
     runtime_dir: str | None = None  # the holder's, to read what quiesce itself saw
+    # How often an emulated host looks at a running script; None: as often as the real
+    # host. Shorter only makes it notice an end sooner: its timeouts keep their length.
+    poll_interval: float | None = None
 
 
 @dataclass

@@ -369,14 +369,18 @@ class AzureHost(Host):
     # -- rehearsal --------------------------------------------------------------------
 
     def _run_script(self, which: str, config: PluginConfig, cwd: str,
-                    event: Callable[[str], None]) -> dict[str, Any]:
-        """ScriptRunner.pre_script/post_script: `sh FILE params`, unread pipes, no kill."""
+                    event: Callable[[str], None], interval: float) -> dict[str, Any]:
+        """ScriptRunner.pre_script/post_script: `sh FILE params`, unread pipes, no kill.
+
+        The host looks every ``config.poll`` s and gives up after ``timeout / poll``
+        looks; we look every *interval* s but give up when the host would.
+        """
         location = config.pre if which == "pre" else config.post
         params = config.pre_params if which == "pre" else config.post_params
         retries = config.pre_retries if which == "pre" else config.post_retries
         label = "Prescript" if which == "pre" else "Postscript"
         argv = ["sh", self.path(location), *params]
-        poll_total = config.timeout / config.poll
+        poll_total = math.ceil(config.timeout / config.poll) * config.poll / interval
         started = time.monotonic()
         event(f"{which}-script started: {' '.join(argv)}")
         process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -388,7 +392,7 @@ class AzureHost(Host):
                     timed_out = True
                     break
                 curr += 1
-                time.sleep(config.poll)
+                time.sleep(interval)
             if process.returncode == 0 or timed_out:
                 break
             if isinstance(retries, bool) or not isinstance(retries, int):
@@ -419,14 +423,16 @@ class AzureHost(Host):
         return result
 
     def _host_phase(self, which: str, config: PluginConfig, cwd: str,
-                    event: Callable[[str], None]) -> dict[str, Any]:
+                    event: Callable[[str], None], interval: float) -> dict[str, Any]:
         """PluginHost: run the script in a thread, noticing its end only at a poll."""
         box: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: box.update(self._run_script(which, config, cwd, event)),
-                                  daemon=True)
+        thread = threading.Thread(
+            target=lambda: box.update(self._run_script(which, config, cwd, event, interval)),
+            daemon=True)
         thread.start()
-        for _ in range(int(MAX_TIMEOUT / config.poll) + 2):
-            time.sleep(config.poll)
+        host_wait = (int(MAX_TIMEOUT / config.poll) + 2) * config.poll
+        for _ in range(math.ceil(host_wait / interval)):
+            time.sleep(interval)
             if not thread.is_alive():
                 break
         if thread.is_alive():
@@ -461,8 +467,9 @@ class AzureHost(Host):
             continue_on_failure = config.continue_on_failure if config else True
             freeze_enabled = config.freeze_enabled if config else True
             script_codes: list[int] = []
+            interval = rehearsal.poll_interval or (config.poll if config else 1)
             if verdict.code == 0:
-                report["pre"] = pre = self._host_phase("pre", config, extension_dir, event)
+                report["pre"] = pre = self._host_phase("pre", config, extension_dir, event, interval)
                 do_backup = True
                 if pre["code"] and not isinstance(continue_on_failure, int):
                     return self._crash(report, event, "pre")
@@ -482,7 +489,7 @@ class AzureHost(Host):
             else:
                 event("no snapshot: the host skips it")
             if verdict.code == 0:
-                report["post"] = post = self._host_phase("post", config, extension_dir, event)
+                report["post"] = post = self._host_phase("post", config, extension_dir, event, interval)
                 if post["code"] and not isinstance(continue_on_failure, int):
                     return self._crash(report, event, "post")
                 if post["code"]:
@@ -505,7 +512,7 @@ class AzureHost(Host):
     @staticmethod
     def _result(verdict: Verdict, script_codes: list[int], do_backup: bool,
                 snapshot_code: int) -> dict[str, Any]:
-        """handle.py's final decision (azure-host.md §4.4)."""
+        """handle.py's final decision: docs/azure.md, "What the host reports"."""
         if snapshot_code:
             return {"code": 2, "status": "error", "consistency": "none",
                     "health_code": snapshot_code, "health_name": CODES[snapshot_code],

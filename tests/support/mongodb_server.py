@@ -2,7 +2,7 @@
 
 No MongoDB server can be installed from the registries this project reaches, so on most
 machines here :func:`mongod_binary` finds nothing and the real-server tests skip with
-:data:`NO_MONGOD` as the reason (even in CI: DESIGN.md, "Test servers", says so). Where a
+:data:`NO_MONGOD` as the reason (even in CI: docs/architecture.md, "Tests", says why). Where a
 ``mongod`` exists, :class:`Mongod` starts one in a temporary directory on a free loopback
 port, as a one-member replica set (so ``hello`` reports a primary), and always stops it.
 """
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 NO_MONGOD = ("no mongod on PATH: real-server MongoDB tests need a mongod binary, and none "
-             "can be installed from the registries this project reaches (DESIGN.md, Test "
-             "servers); the wire-level tests in this module cover the protocol instead")
+             "can be installed from the registries this project reaches; the wire-level "
+             "tests in this module cover the protocol instead")
 
 
 def mongod_binary() -> str | None:

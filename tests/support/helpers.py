@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-FAKES = Path(__file__).parent / "fakes"
+FAKES = Path(__file__).parents[1] / "fakes"
 QUIESCE = [sys.executable, "-m", "quiesce"]
 
 
@@ -51,11 +51,18 @@ def run(config: Path | None, *args: str, fakes: tuple[str, ...] = (), timeout: f
     return proc
 
 
+#: How often an emulated host looks at a running script in the tests (`--poll-interval`):
+#: its end is noticed within this instead of the host's whole-second poll; the host's
+#: timeouts keep their length, so every decision is the host's.
+REHEARSAL_POLL = 0.05
+
+
 def rehearse_host(host: str, config: Path, root: Path, *extra: str, fakes: tuple[str, ...] = (),
                   timeout: float = 90) -> subprocess.CompletedProcess:
-    """`quiesce rehearse HOST --root ROOT --json ...`; the parsed report is ``.report``."""
-    proc = run(config, "rehearse", host, "--root", str(root), "--json", *extra,
-               fakes=fakes, timeout=timeout)
+    """`quiesce rehearse HOST --root ROOT --json --poll-interval REHEARSAL_POLL ...`; the
+    parsed report is ``.report``."""
+    proc = run(config, "rehearse", host, "--root", str(root), "--json",
+               "--poll-interval", str(REHEARSAL_POLL), *extra, fakes=fakes, timeout=timeout)
     try:
         proc.report = json.loads(proc.stdout)
     except ValueError:

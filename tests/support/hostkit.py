@@ -12,7 +12,7 @@ import quiesce.thaw
 
 from .helpers import make_sqlite, run, write_config
 
-EXPECTED = Path(__file__).parent / "expected"
+EXPECTED = Path(__file__).parent.parent / "expected"
 #: Fixed settings: renders are pure functions of these, so the bytes never vary.
 FIXED = SimpleNamespace(config="/etc/quiesce/quiesce.toml", python="/usr/bin/python3",
                         thaw_script="/usr/lib/python3/dist-packages/quiesce/thaw.py",

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from .markers import require
+
 DEFAULT_SIZE_MB = 300  # the smallest size mkfs.xfs accepts
 _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
@@ -210,8 +212,9 @@ class LoopFactory:
 
 
 @pytest.fixture
-def loopfs():
+def loopfs(request):
     """Factory: ``loopfs(fstype="ext4", size_mb=300)`` -> LoopFS, all torn down after."""
+    require(request, "root")
     factory = LoopFactory()
     try:
         yield factory
