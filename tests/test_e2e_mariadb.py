@@ -399,10 +399,12 @@ def test_rehearsed_snapshot_under_load_restores_with_every_commit_and_exact_coor
     held_since, released_at = state["held_since"], state["released_at"]
     taken_at = wall(coords["taken_at"])  # read after BLOCK_COMMIT returned, ms precision
     assert launched < held_since <= taken_at + 0.001 < released_at < returned
-    # Lower bounds of when the pre-script returned and when the post-script (which ends
-    # the backup stage) started: the rehearsal's offsets count from after its own start.
-    pre_returned_lb = launched + event_t(report, "Prescript for ScriptRunner successfully")
-    post_started_lb = launched + event_t(report, "post-script started")
+    # When the pre-script returned and the post-script (which ends the backup stage)
+    # started, give or take a millisecond: the rehearsal's offsets count from started_at.
+    origin = report["started_at"] - 0.001
+    assert launched < origin
+    pre_returned_lb = origin + event_t(report, "Prescript for ScriptRunner successfully")
+    post_started_lb = origin + event_t(report, "post-script started")
     assert taken_at < post_started_lb
 
     # ---- the writers during the hold: nothing acknowledged, one statement each waited

@@ -21,7 +21,7 @@ from .support.helpers import make_sqlite, rehearse_host, run, write_config
 from .support.qgakit import Writer, events, thaw_mount, when
 from .test_qemu_ga_e2e import _wait_more
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.server]
 HOSTS = {"vmware": (), "gcp": (), "aws-dlm": (), "veeam": ("--output", "/srv/veeam-scripts")}
 
 

@@ -24,6 +24,7 @@ class Timeline:
 
     def __init__(self, on_event: Callable[[float, str], None] | None = None):
         self.t0 = time.monotonic()
+        self.wall0 = time.time()  # the same instant on the wall clock: offsets map onto it
         self.events: list[dict[str, Any]] = []
         self.on_event = on_event
 
@@ -34,7 +35,7 @@ class Timeline:
 
 
 def new_report(host: str, timeline: Timeline) -> dict[str, Any]:
-    return {"host": host, "started_at": time.time(), "timeline": timeline.events,
+    return {"host": host, "started_at": timeline.wall0, "timeline": timeline.events,
             "snapshot": None, "freeze": None}
 
 
