@@ -19,11 +19,14 @@ Outside a quiesce phase (no gate attached) ``target.lock_gate()`` returns at onc
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 from .target import Target
+
+log = logging.getLogger(__name__)
 
 
 class LockGate:
@@ -46,9 +49,15 @@ class LockGate:
     def wait(self, target: Target) -> bool:
         """*target* is prepared: wait for the others; true if they all were prepared."""
         self.arrive(target)
-        together = self._open.wait(target.timeout)
+        if self._open.wait(target.timeout):
+            return True
+        with self._guard:
+            late = ", ".join(sorted(self._waiting_for))
+        if not self._open.is_set():
+            log.warning("%s was not prepared within %s's timeout (%g s); the other targets "
+                        "lock without waiting for it", late, target.name, target.timeout)
         self._open.set()  # ran out: the others lock now too, not one timeout later each
-        return together
+        return False
 
     def open(self) -> None:
         self._open.set()
