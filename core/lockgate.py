@@ -51,12 +51,12 @@ class LockGate:
         self.arrive(target)
         if self._open.wait(target.timeout):
             return True
-        with self._guard:
-            late = ", ".join(sorted(self._waiting_for))
-        if not self._open.is_set():
-            log.warning("%s was not prepared within %s's timeout (%g s); the other targets "
-                        "lock without waiting for it", late, target.name, target.timeout)
-        self._open.set()  # ran out: the others lock now too, not one timeout later each
+        with self._guard:  # the first to run out opens it: the others lock now too
+            if not self._open.is_set():
+                log.warning("%s was not prepared within %s's timeout (%g s); the other "
+                            "targets lock without waiting for it",
+                            ", ".join(sorted(self._waiting_for)), target.name, target.timeout)
+                self._open.set()
         return False
 
     def open(self) -> None:
