@@ -364,6 +364,7 @@ def quiesce(target: Target) -> Hold | None:
             facts["balancer_stopped"] = _stop_balancer(target, client)
         if mode == "lock":
             try:
+                target.lock_gate()  # checked: lock together with the other targets
                 facts.update(_lock(target, client, member["member"], version))
                 locked_at = time.time()
             except TargetError as e:

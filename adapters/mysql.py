@@ -469,6 +469,7 @@ def quiesce(target: Target) -> Hold:
                 replica_start = replica_sql(server, "start")
                 query(conn, replica_sql(server, "stop"))
         try:
+            target.lock_gate()  # prepared: lock together with the other targets
             got = _acquire(target, s, conn, server, plan, info["thread_id"], info["account"])
             locked_at = time.time()
             coords = _coordinates(conn, server, plan, info, s)

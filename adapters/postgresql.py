@@ -412,6 +412,7 @@ def quiesce(target: Target) -> Hold:
             start_sql = "SELECT pg_backup_start(%s, fast => true)::text, pg_is_in_recovery()"
         else:  # non-exclusive: the third argument false (the exclusive form is the default)
             start_sql = "SELECT pg_start_backup(%s, true, false)::text, pg_is_in_recovery()"
+        target.lock_gate()  # connected: start the backup together with the other targets
         start_lsn, standby = conn.execute(start_sql, (label,)).fetchone()
         locked_at = time.time()
     except BaseException as e:

@@ -523,6 +523,7 @@ def quiesce(target: Target) -> Hold | None:
     try:
         server = _info(client, "server")
         before_ms = _server_ms(server)
+        target.lock_gate()  # connected: pause together with the other targets
         # Redis sets its deadline from its clock at some instant after before_ms, so this
         # is the earliest the pause can end: thaw errs towards reporting it broken. Set
         # before sending: from here on a failure (a timeout) may leave a pause to release.

@@ -135,6 +135,7 @@ def quiesce(target: Target) -> Hold:
     s = settings(target)
     conn = _connect(target, s, timeout=0)  # no busy handler: _begin_immediate retries itself
     try:
+        target.lock_gate()  # opened: lock together with the other targets
         attempts = _begin_immediate(conn, s.busy_timeout)
     except sqlite3.Error as e:
         conn.close()

@@ -84,7 +84,9 @@ def quiesce(target: Target) -> Hold | None:
     (a transaction, a global read lock, a backup started in this session) in
     ``Hold.session``: the holder process keeps it open until ``thaw``. Server-kept state
     goes in ``Hold.facts`` so a ``thaw`` after a crash can still release it. Set any
-    server-side deadline from ``target.max_hold``.
+    server-side deadline from ``target.max_hold``. Call ``target.lock_gate()`` right
+    before the lock statement, once the session is prepared: every target then locks at
+    the same moment (:mod:`quiesce.lockgate`).
 
     :returns: a :class:`quiesce.Hold`, or ``None`` when nothing needs holding.
     """

@@ -1,8 +1,9 @@
 """One cycle of the targets, step by step: freeze, hold's clock, release; and recovery.
 
 :class:`Cycle` runs the phases for every target of a config and keeps the cycle's record
-(:class:`~quiesce.runtime.State`): check and flush for every target together, quiesce,
-the max_hold clock from the first lock, ``on_target_failure``, and the release of
+(:class:`~quiesce.runtime.State`): check and flush for every target together, quiesce
+(every target prepares its session, then all take their locks at once through the lock
+gate, :mod:`~quiesce.lockgate`), the max_hold clock from the first lock, ``on_target_failure``, and the release of
 every target at once (:class:`Release`). It knows nothing of processes: the holder
 (``holder.py``) runs it in the detached process and learns what happens through :class:`Events` (progress to show,
 whether to cancel, when to save the record, when the deadline changes).
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from . import runtime
 from .config import Config
+from .lockgate import LockGate
 from .logs import IN_REPORT
 from .phases import Outcome, call, hard_limit, run_phase
 from .plugins import Adapters
@@ -103,7 +105,9 @@ class Cycle:
         # the latest the deadline can be, until the first lock tells the real one
         self.events.deadline(time.time() + step_limit(targets) + self.config.max_hold)
         started, started_mono = time.time(), time.monotonic()
-        results = run_phase(self.adapters, "quiesce", targets)
+        # prepare every target, then lock them together (lockgate.py)
+        with LockGate(targets).attached(targets) as gate:
+            results = run_phase(self.adapters, "quiesce", targets, finished=gate.arrive)
         for target, (outcome, hold) in zip(targets, results):
             entry = self.entry(target.name)
             if outcome.ok:

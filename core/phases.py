@@ -97,21 +97,29 @@ def call(adapters: Adapters, hook: str, target: Target, *,
 
 def run_phase(adapters: Adapters, hook: str, targets: list[Target], *,
               kwargs_for: Callable[[Target], dict[str, Any]] | None = None,
+              finished: Callable[[Target], None] | None = None,
               **kwargs: Any) -> list[tuple[Outcome, Any]]:
     """Call *hook* for every target concurrently; results in the targets' order.
 
-    *kwargs_for* adds per-target arguments (a thaw's hold).
+    *kwargs_for* adds per-target arguments (a thaw's hold). *finished* is told, in the
+    call's thread, when a target's call has ended, however it ended (the lock gate).
 
     A call that overruns :func:`hard_limit` is reported as failed and abandoned: its
     thread may still finish, which is why a failed freeze ends the holder process.
     """
     if not targets:
         return []
+    def one(target: Target, extra: dict[str, Any]) -> tuple[Outcome, Any]:
+        try:
+            return call(adapters, hook, target, **kwargs, **extra)
+        finally:
+            if finished is not None:
+                finished(target)
+
     pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix=hook)
     submitted = []
     for target in targets:
-        extra = kwargs_for(target) if kwargs_for else {}
-        future = pool.submit(call, adapters, hook, target, **kwargs, **extra)
+        future = pool.submit(one, target, kwargs_for(target) if kwargs_for else {})
         submitted.append((target, future, time.monotonic()))
     results = []
     for target, future, started in submitted:

@@ -69,6 +69,8 @@ class Target:
     #: The config file this target came from (for messages).
     config_file: str | None = None
     _read: set[str] = field(default_factory=set, repr=False, compare=False)
+    #: The quiesce phase's lock gate (:mod:`quiesce.lockgate`), set by the core meanwhile.
+    _gate: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def call_budget(self) -> float:
@@ -89,6 +91,16 @@ class Target:
         """The largest :attr:`call_limit` of *targets* (0 for none): how long a phase that
         calls them all concurrently may take."""
         return max((t.call_limit for t in targets), default=0.0)
+
+    def lock_gate(self) -> None:
+        """Call in ``quiesce`` right before the lock statement, once the session is
+        prepared (connected, checked, session variables set): it returns when every
+        target of the phase is prepared too (at most ``timeout`` later), so all locks are
+        taken at the same moment and no writer waits for another target's preparation.
+        Outside a quiesce phase it returns at once."""
+        gate = self._gate
+        if gate is not None:
+            gate.wait(self)
 
     def key(self, key: str) -> str:
         return f"targets.{self.name}.{key}"

@@ -133,7 +133,10 @@ def test_server_kept_hold_survives_holder_death_and_is_released_by_recovery(tmp_
 def test_freeze_killed_before_ready_leaves_nothing_locked(tmp_path):
     db = make_sqlite(tmp_path / "app.db")
     config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db)},
-                                     "slow": recorder(tmp_path, sleep={"quiesce": 2})})
+                                     # a slow lock (after the lock gate): app is locked
+                                     # while slow's quiesce still runs
+                                     "slow": recorder(tmp_path, sleep={"quiesce": 2},
+                                                      lock_gate=True)})
     freeze = subprocess.Popen(QUIESCE + ["--config", str(config), "freeze"], env=env_with("recorder"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert wait_until(lambda: not sqlite_writable(db), timeout=10), "sqlite was never locked"

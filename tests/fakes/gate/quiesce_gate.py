@@ -3,7 +3,8 @@
 Lets a test decide exactly when a freeze gets past a step, instead of guessing with a
 sleep. Settings: ``record`` (file to append "<hook> <target>" lines to), ``gate`` (the
 file to wait for), ``wait_in`` (the hook that waits), ``max_wait`` (seconds, default 30:
-then the hook goes on as if the gate had opened).
+then the hook goes on as if the gate had opened), ``lock_gate`` (quiesce then calls
+``target.lock_gate()``, like an adapter whose session is prepared).
 """
 
 import os
@@ -27,6 +28,7 @@ class Gate:
         target.option("gate", str)
         target.option("wait_in", str, choices=("check", "flush", "quiesce", "thaw"))
         target.option("max_wait", float, default=30.0)
+        target.option("lock_gate", bool, default=False)
 
     @hookimpl
     def check(self, target):
@@ -40,6 +42,8 @@ class Gate:
     @hookimpl
     def quiesce(self, target):
         self._act(target, "quiesce")
+        if target.settings.get("lock_gate"):
+            target.lock_gate()
         return Hold(facts={"gate": target.settings["gate"]})
 
     @hookimpl

@@ -3,7 +3,8 @@
 Settings: ``record`` (file to append "<hook> <target>" lines to), ``fail`` (a hook that
 raises TargetError), ``sleep`` (a table of hook -> seconds), ``session`` (return a
 session-bound hold), ``broken`` (thaw raises HoldBroken), ``odd_facts`` (quiesce returns
-facts JSON cannot carry as they are).
+facts JSON cannot carry as they are), ``lock_gate`` (quiesce calls ``target.lock_gate()``
+first, so its sleep is a slow lock rather than a slow preparation).
 """
 
 import datetime
@@ -28,6 +29,7 @@ class Recorder:
         target.option("session", bool, default=False)
         target.option("broken", bool, default=False)
         target.option("odd_facts", bool, default=False)
+        target.option("lock_gate", bool, default=False)
 
     @hookimpl
     def check(self, target):
@@ -40,6 +42,8 @@ class Recorder:
 
     @hookimpl
     def quiesce(self, target):
+        if target.settings.get("lock_gate"):
+            target.lock_gate()
         self._act(target, "quiesce")
         facts = {"token": target.name}
         if target.settings.get("odd_facts"):

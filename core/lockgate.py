@@ -1,0 +1,75 @@
+"""Prepare every target, then lock them together: the quiesce phase's lock gate.
+
+A quiesce hook does slow things before its lock (connect, check privileges, set session
+variables). Locked as each target became ready, the first target's writers would wait for
+the slowest preparation. So an adapter calls ``target.lock_gate()`` right before its lock
+statement, with its session prepared, and the gate holds it there until every target of
+the phase is prepared too: every lock statement then goes out at the same moment.
+
+The gate must never hold a lock back for long, nor deadlock a phase:
+
+- a target whose quiesce call ends without reaching the gate (it failed, or its adapter
+  never calls the gate: a third-party one, the template) counts as arrived;
+- a waiter waits at most its target's ``timeout``; the first one to run out opens the gate
+  for all (a preparation that overruns delays the others by that much, then they lock);
+- the phase opens the gate when it ends, so a call it abandoned never waits on it.
+
+Outside a quiesce phase (no gate attached) ``target.lock_gate()`` returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from .target import Target
+
+log = logging.getLogger(__name__)
+
+
+class LockGate:
+    """A one-shot barrier across the targets of one quiesce phase."""
+
+    def __init__(self, targets: list[Target]):
+        self._waiting_for = {t.name for t in targets}
+        self._guard = threading.Lock()
+        self._open = threading.Event()
+        if not self._waiting_for:
+            self._open.set()
+
+    def arrive(self, target: Target) -> None:
+        """*target* will not wait (its call ended); open the gate if it was the last."""
+        with self._guard:
+            self._waiting_for.discard(target.name)
+            if not self._waiting_for:
+                self._open.set()
+
+    def wait(self, target: Target) -> bool:
+        """*target* is prepared: wait for the others; true if they all were prepared."""
+        self.arrive(target)
+        if self._open.wait(target.timeout):
+            return True
+        with self._guard:  # the first to run out opens it: the others lock now too
+            if not self._open.is_set():
+                log.warning("%s was not prepared within %s's timeout (%g s); the other "
+                            "targets lock without waiting for it",
+                            ", ".join(sorted(self._waiting_for)), target.name, target.timeout)
+                self._open.set()
+        return False
+
+    def open(self) -> None:
+        self._open.set()
+
+    @contextmanager
+    def attached(self, targets: list[Target]) -> Iterator[LockGate]:
+        """Give *targets* this gate for the length of the block; open it at the end."""
+        for target in targets:
+            target._gate = self
+        try:
+            yield self
+        finally:
+            self.open()
+            for target in targets:
+                target._gate = None

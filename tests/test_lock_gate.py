@@ -1,0 +1,101 @@
+"""Prepare every target, then lock together: the quiesce phase's lock gate, through the CLI.
+
+The slow target is the ``gate`` fake: its quiesce waits until the test creates a file (its
+"preparation"), then calls ``target.lock_gate()`` like a real adapter. The other target is
+a real SQLite database, whose adapter calls the gate right before ``BEGIN IMMEDIATE``.
+"""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from .helpers import (QUIESCE, env_with, make_sqlite, records, run, sqlite_writable,
+                      wait_until, write_config)
+
+FAKES = ("gate", "recorder")
+
+
+@pytest.fixture(autouse=True)
+def no_holder_left(tmp_path):
+    yield
+    (tmp_path / "open").touch()  # a freeze still waiting in the fake goes on
+    for config in tmp_path.glob("quiesce.toml"):
+        run(config, "thaw", fakes=FAKES)
+
+
+def start_freeze(config):
+    return subprocess.Popen(QUIESCE + ["--config", str(config), "freeze", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with(*FAKES), stdin=subprocess.DEVNULL)
+
+
+def slow(tmp_path, **settings):
+    return {"kind": "gate", "record": str(tmp_path / "calls"), "gate": str(tmp_path / "open"),
+            "wait_in": "quiesce", "lock_gate": True, **settings}
+
+
+def finish(freeze):
+    out, err = freeze.communicate(timeout=60)
+    return json.loads(out), err
+
+
+def test_no_lock_is_taken_before_every_target_is_prepared(tmp_path):
+    db = make_sqlite(tmp_path / "app.db")
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db), "timeout": 30},
+                                     "slow": slow(tmp_path, timeout=30)}, max_hold=60)
+    freeze = start_freeze(config)
+    assert wait_until(lambda: "quiesce slow" in records(tmp_path / "calls"), 30)
+    # slow is preparing: app's quiesce waits at the gate, its lock not yet taken
+    preparing = time.time()
+    assert sqlite_writable(db), "app was locked before slow was prepared"
+    (tmp_path / "open").touch()
+    report, err = finish(freeze)
+    assert report["ok"], err
+    state = run(config, "status", "--json", check_json=True, fakes=FAKES).report["state"]
+    # the first lock came after slow was seen preparing (held_since is the earliest
+    # target's locked_at, or the moment its quiesce returned)
+    assert state["held_since"] > preparing
+    assert not sqlite_writable(db)
+    assert run(config, "thaw", fakes=FAKES).returncode == 0
+    assert sqlite_writable(db)
+
+
+@pytest.mark.parametrize("policy", ["hold-others", "release-all"])
+def test_a_failed_preparation_never_blocks_the_others(tmp_path, policy):
+    db = make_sqlite(tmp_path / "app.db")
+    # app's timeout is longer than the run's: a gate that waited for the failed target
+    # would hang this freeze past it
+    failing = {"kind": "recorder", "record": str(tmp_path / "calls"), "fail": "quiesce"}
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db), "timeout": 90},
+                                     "bad": failing},
+                          max_hold=600, on_target_failure=policy)
+    proc = run(config, "freeze", "--json", fakes=FAKES, check_json=True)
+    assert [(o["target"], o["phase"], o["status"]) for o in proc.report["outcomes"]
+            if o["phase"] == "quiesce"] == [("app", "quiesce", "ok"), ("bad", "quiesce", "failed")]
+    if policy == "hold-others":
+        assert "consistent in the snapshot: app" in proc.report["message"]
+        assert "could not be held): bad" in proc.report["message"]
+        assert not sqlite_writable(db)
+        run(config, "thaw", fakes=FAKES)
+    else:
+        assert proc.report["action"] != "frozen"
+    assert sqlite_writable(db)
+
+
+def test_a_preparation_that_overruns_lets_the_others_lock_anyway(tmp_path):
+    db = make_sqlite(tmp_path / "app.db")
+    config = write_config(tmp_path, {"app": {"kind": "sqlite", "path": str(db), "timeout": 1},
+                                     "slow": slow(tmp_path, timeout=30)}, max_hold=60)
+    freeze = start_freeze(config)
+    # app waits at most its own timeout at the gate, then locks while slow still prepares
+    assert wait_until(lambda: not sqlite_writable(db), 30), "app never locked"
+    assert "quiesce slow" in records(tmp_path / "calls")
+    (tmp_path / "open").touch()
+    report, err = finish(freeze)
+    assert report["ok"], err
+    assert run(config, "thaw", fakes=FAKES).returncode == 0
+    assert sqlite_writable(db)
+    log = (tmp_path / "log" / "quiesce.log").read_text()  # the holder's, written at release
+    assert "slow was not prepared within app's timeout (1 s)" in log
