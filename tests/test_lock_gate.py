@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .helpers import (QUIESCE, env_with, make_sqlite, records, run, sqlite_writable,
+from .support.helpers import (QUIESCE, env_with, make_sqlite, records, run, sqlite_writable,
                       wait_until, write_config)
 
 FAKES = ("gate", "recorder")
