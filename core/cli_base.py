@@ -15,6 +15,7 @@ import click
 from . import report as reports, runtime
 from .errors import QuiesceError
 
+
 class Context:
     def __init__(self, config: str | None, verbose: bool):
         # Absolute: the holder and its sentinel run from another directory.

@@ -98,13 +98,13 @@ class HostCommands(click.Group):
 
 
 def host_verb(verb: str, common: list, **kwargs):
-    """Declare `quiesce VERB HOST`: the function runs with the host built and its options."""
+    """Declare `quiesce VERB HOST` (a group, for COMMANDS): the function runs with the host
+    built and its options."""
     def decorate(run):
-        group = HostCommands(verb, run, [root_option, *common], name=verb, help=run.__doc__,
-                             epilog="Run `quiesce hosts` for the known hosts; "
-                                    f"`quiesce {verb} HOST --help` for a host's options.",
-                             **kwargs)
-        return group
+        return HostCommands(verb, run, [root_option, *common], name=verb, help=run.__doc__,
+                            epilog="Run `quiesce hosts` for the known hosts; "
+                                   f"`quiesce {verb} HOST --help` for a host's options.",
+                            **kwargs)
     return decorate
 
 

@@ -29,11 +29,7 @@ def rehearse(host: AzureHost, rehearsal: Rehearsal) -> dict[str, Any]:
         report["note"] = (f"not run as root: ownership is checked against {host.owner!r} "
                           f"where the host demands root")
     with tempfile.TemporaryDirectory(prefix="quiesce-azure-ext-") as extension_dir:
-        os.makedirs(os.path.join(extension_dir, "main"))
-        shipped = os.path.join(extension_dir, "main", "VMSnapshotPluginHost.conf")
-        with open(shipped, "w") as f:
-            f.write(SHIPPED_HOST_CONF)
-        os.chmod(shipped, 0o644)  # as the extension ships it, whatever our umask
+        _ship_host_conf(extension_dir)
         verdict = host.validate(extension_dir)
         config = host.plugin_config
         event(f"validation: {verdict.code} {verdict.name}: {verdict.message}")
@@ -80,6 +76,15 @@ def rehearse(host: AzureHost, rehearsal: Rehearsal) -> dict[str, Any]:
     report.update(_result(verdict, script_codes, do_backup, snapshot_code))
     event(f"result: {report['code']} {report['message']}")
     return report
+
+
+def _ship_host_conf(extension_dir: str) -> None:
+    """The plugin host conf in the extension's own directory, as the extension ships it."""
+    os.makedirs(os.path.join(extension_dir, "main"))
+    shipped = os.path.join(extension_dir, "main", "VMSnapshotPluginHost.conf")
+    with open(shipped, "w") as f:
+        f.write(SHIPPED_HOST_CONF)
+    os.chmod(shipped, 0o644)  # as the extension ships it, whatever our umask
 
 
 def _host_phase(path: Callable[[str], str], which: str, config: PluginConfig, cwd: str,
