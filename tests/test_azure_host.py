@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from quiesce.hosts.azure import SHIPPED_HOST_CONF, AzureHost
+from quiesce.hosts.azure import AzureHost
+from quiesce.hosts.azure_rules import SHIPPED_HOST_CONF
 
 from .support.azurekit import (HOST_CONF_PATH, JSON_PATH, NOBODY, Stage, edit_json, install,
                        rehearse, result, timeline, under)

@@ -13,7 +13,9 @@ How the agent runs quiesce (docs/hosts/qemu-ga.md has each fact with its upstrea
 We install one script, ``fsfreeze-hook.d/quiesce``: on ``freeze`` it runs `quiesce freeze`
 (disks are not frozen yet, so it may log to disk; the holder it leaves keeps its own log
 in memory), on ``thaw`` the lean thaw client (disks are thawed again by then).
-``--enable-hook`` also writes the agent's config key that turns hooks on.
+``--enable-hook`` also writes the agent's config key that turns hooks on. The rehearsal
+(the hypervisor's part, and the agent's where qemu-ga is missing) is in
+:mod:`quiesce.hosts.qemu_ga_emulation`.
 """
 
 from __future__ import annotations
@@ -22,18 +24,13 @@ import configparser
 import io
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from .. import fsfreeze
 from . import (DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal,
                Verdict, option)
-from . import shell
-from .qga import AgentError, PrivateAgent
-from .rehearsal import Timeline, holds, new_report, snapshot_failed, snapshot_step
+from . import qemu_ga_emulation, shell
 
 AGENT_PATHS = ("/usr/sbin/qemu-ga", "/usr/bin/qemu-ga", "/usr/local/bin/qemu-ga")
 #: The dispatcher qemu-ga runs for a bare -F (Debian, upstream), then RHEL's.
@@ -98,6 +95,7 @@ class QemuGuestAgentHost(Host):
     description = "QEMU guest agent (Proxmox VE, libvirt, OpenStack, KubeVirt): fsfreeze hook"
     Options = QemuGaOptions
     agent_paths = AGENT_PATHS
+    dispatchers = DISPATCHERS  # the stock ones, where the rehearsal looks when none is installed
     options: QemuGaOptions
 
     def agent_binary(self) -> str | None:
@@ -244,132 +242,7 @@ class QemuGuestAgentHost(Host):
 
     def rehearse(self, rehearsal: Rehearsal) -> dict[str, Any]:
         """Play the hypervisor: sync, freeze the named mounts, snapshot, thaw, status."""
-        event = Timeline(rehearsal.on_event)
-        report = new_report(self.name, event)
-        verdict = self.predict()
-        event(f"validation: {verdict.code} {verdict.name}: {verdict.message}")
-        report["validation"] = {"code": verdict.code, "name": verdict.name, "message": verdict.message}
-        if not rehearsal.freeze_mounts:
-            return self._result(report, event, rehearsal, "no mount named: the rehearsal "
-                                "freezes only what --freeze names (never every filesystem)")
-        binary = None if self.options.emulate else self.agent_binary()
-        with tempfile.TemporaryDirectory(prefix="quiesce-qga-hook-") as tmp:
-            # As the machine's agent would: no hook at all when it runs none.
-            dispatcher = None if verdict.code == 3 else self._private_dispatcher(tmp)
-            try:
-                with fsfreeze.guard(rehearsal.freeze_mounts, deadline_seconds=rehearsal.freeze_deadline,
-                                    allow_root=rehearsal.allow_root_freeze) as mounts:
-                    if binary:
-                        if dispatcher is None:
-                            event("the agent runs no hook (see validation): started without -F")
-                        self._drive_agent(binary, dispatcher, mounts, rehearsal, report, event)
-                    else:
-                        report["note"] = ("qemu-ga was emulated (" + ("--emulate" if self.options.emulate
-                                          else "not installed") + "): its dispatcher was run "
-                                          "and the mounts frozen by quiesce, not by the agent")
-                        self._emulate(dispatcher, mounts, rehearsal, report, event)
-            except fsfreeze.FreezeError as e:
-                report["error"] = str(e)
-                event(f"freeze refused: {e}")
-        return self._result(report, event, rehearsal, report.get("error"))
-
-    def _private_dispatcher(self, tmp: str) -> str:
-        """The installed dispatcher (or the agent's stock one), next to the installed hook dir.
-
-        The dispatcher finds fsfreeze-hook.d next to itself, so a copy beside a link to
-        the hook directory under --root runs exactly what the agent would run.
-        """
-        source = next((p for p in (self.path(self.dispatcher()), *DISPATCHERS)
-                       if os.path.isfile(p)), None)
-        target = os.path.join(tmp, "fsfreeze-hook")
-        if source is None:  # no dispatcher anywhere: upstream's rules, written out
-            with open(target, "w") as f:
-                f.write(EMULATED_DISPATCHER)
-        else:
-            shutil.copyfile(source, target)
-        os.chmod(target, 0o700)
-        os.symlink(self.path(self.hook_dir()), os.path.join(tmp, "fsfreeze-hook.d"))
-        return target
-
-    def _drive_agent(self, binary, dispatcher, mounts, rehearsal, report, event) -> None:
-        try:
-            with PrivateAgent(binary, dispatcher) as agent:
-                event(f"started {' '.join(agent.argv())}")
-                client = agent.client(self.options.agent_timeout)
-                try:
-                    client.sync()
-                    event("guest-sync answered")
-                    try:
-                        count = client.call("guest-fsfreeze-freeze-list", {"mountpoints": mounts})
-                        event(f"guest-fsfreeze-freeze-list froze {count} filesystem(s): "
-                              f"{', '.join(mounts)}")
-                        event(f"guest-fsfreeze-status: {client.call('guest-fsfreeze-status')}")
-                        snapshot_step(rehearsal.snapshot, report, event)
-                    except AgentError as e:
-                        report["agent_error"] = str(e)
-                        event(f"agent: {e}")
-                    client = self._thaw(agent, client, rehearsal, report, event)
-                finally:
-                    client.close()
-        except (AgentError, OSError) as e:
-            report.setdefault("agent_error", str(e))
-            event(f"agent: {e}")
-
-    @staticmethod
-    def _thaw(agent, client, rehearsal, report, event):
-        """guest-fsfreeze-thaw, as the hypervisor sends it even after a failed freeze.
-
-        After a timed-out reply the agent may still be running the freeze (its hook, then
-        FIFREEZE); a new connection is served only when it is done, so it gets until the
-        freeze deadline, when the guard thaws anyway.
-        """
-        if client.out_of_step:
-            client.close()
-            event("reconnecting: the agent is still busy with the timed-out command")
-            client = agent.client(rehearsal.freeze_deadline)
-            client.sync()
-        count = client.call("guest-fsfreeze-thaw")
-        event(f"guest-fsfreeze-thaw thawed {count} filesystem(s)")
-        event(f"guest-fsfreeze-status: {client.call('guest-fsfreeze-status')}")
-        return client
-
-    def _emulate(self, dispatcher, mounts, rehearsal, report, event) -> None:
-        """No qemu-ga here: the dispatcher with freeze, FIFREEZE, snapshot, FITHAW, thaw."""
-        def run(arg: str) -> str:  # output to /dev/null, as qemu-ga 7.2 spawns its hook
-            if dispatcher is None:
-                return "not run (hooks disabled)"
-            return "exited %d" % subprocess.run(
-                [dispatcher, arg], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, timeout=self.options.agent_timeout).returncode
-        event(f"emulated: hook with freeze {run('freeze')}")
-        with fsfreeze.freeze(mounts, deadline_seconds=rehearsal.freeze_deadline,
-                             allow_root=rehearsal.allow_root_freeze):
-            event(f"emulated: froze {', '.join(mounts)}")
-            snapshot_step(rehearsal.snapshot, report, event)
-        event(f"emulated: thawed; hook with thaw {run('thaw')}")
-
-    def _result(self, report, event, rehearsal: Rehearsal, error: str | None) -> dict[str, Any]:
-        """What the hypervisor records, and what quiesce itself saw (the truth)."""
-        report["holds"] = held = holds(rehearsal.runtime_dir, report["started_at"])
-        agent_ok = not (error or report.get("agent_error"))
-        snapshot_ok = agent_ok and not snapshot_failed(report, event)
-        quiesced = bool(held) and all(h["status"] == "ok" for h in held)
-        report["hypervisor_sees"] = "frozen snapshot" if snapshot_ok else "freeze failed"
-        if snapshot_ok and quiesced:
-            report.update(code=0, status="success", consistency="application",
-                          message="every target was held for the whole freeze")
-        elif snapshot_ok:
-            bad = [f"{h['target']}: {h['status']}" for h in held] or ["no target was held"]
-            report.update(code=1, status="success", consistency="file-system",
-                          message="the agent froze and thawed, but quiesce did not hold every "
-                                  f"target ({'; '.join(bad)}); the hypervisor is not told")
-        else:
-            report.update(code=2, status="error", consistency="none",
-                          message=error or report.get("agent_error") or "the snapshot failed")
-        health = report["validation"] if report["code"] and report["validation"]["code"] else {}
-        report.update(health_code=health.get("code"), health_name=health.get("name"))
-        event(f"result: {report['code']} {report['message']}")
-        return report
+        return qemu_ga_emulation.rehearse(self, rehearsal)
 
 
 def _confinement_findings() -> list[Finding]:
@@ -406,18 +279,3 @@ def _max_hold_findings(context: DoctorContext) -> list[Finding]:
                             f"when their snapshot or backup start is done. If the thaw never "
                             f"comes, the disks stay frozen while the watchdog releases the "
                             f"databases at max_hold, and quiesce thaw reports the hold broken")]
-
-
-#: The stock dispatcher's rules (qemu scripts/qemu-guest-agent/fsfreeze-hook), for a
-#: machine without it: every executable in fsfreeze-hook.d, backups skipped, exit 0.
-EMULATED_DISPATCHER = r"""#!/bin/sh
-FSFREEZE_D=$(dirname -- "$0")/fsfreeze-hook.d
-[ -d "$FSFREEZE_D" ] || exit 0
-for file in "$FSFREEZE_D"/*; do
-    case "$file" in
-        *~|*.bak|*.orig|*.rpmnew|*.rpmorig|*.rpmsave|*.sample|*.dpkg-*) continue ;;
-    esac
-    [ -x "$file" ] && "$file" "$@"
-done
-exit 0
-"""
