@@ -23,8 +23,7 @@ another client's ``CLIENT UNPAUSE`` ended early.
 
 Settings: ``url`` (redis://, rediss:// or unix://; no password in it), ``username``,
 ``password_file``, ``ssl_ca_certs``/``ssl_certfile``/``ssl_keyfile`` (rediss:// only),
-``mode`` ("pause" or "flush-only"), ``aof_rewrite`` (bool). Every wait is bounded by the
-target's ``timeout``.
+``mode`` ("pause" or "flush-only"), ``aof_rewrite`` (bool). Each wait: at most ``timeout``.
 """
 
 from __future__ import annotations
@@ -521,9 +520,9 @@ def quiesce(target: Target) -> Hold | None:
     client = _connect(s)
     deadline_ms = None
     try:
-        server = _info(client, "server")
-        before_ms = _server_ms(server)
         target.lock_gate()  # connected: pause together with the other targets
+        server = _info(client, "server")  # after the gate: before_ms bounds the pause's start
+        before_ms = _server_ms(server)
         # Redis sets its deadline from its clock at some instant after before_ms, so this
         # is the earliest the pause can end: thaw errs towards reporting it broken. Set
         # before sending: from here on a failure (a timeout) may leave a pause to release.
