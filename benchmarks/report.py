@@ -481,7 +481,7 @@ def render(r: dict) -> str:
     add("")
     add("## quiesce against the baseline: ratios (medians, ms)")
     add("")
-    add("The issue's goals: hold overhead and thaw latency ≤ 1.0×, freeze latency ≤ 2.0× at "
+    add("The goals: hold overhead and thaw latency ≤ 1.0×, freeze latency ≤ 2.0× at "
         "32 targets.")
     add("")
     L.extend(ratio_table(r))

@@ -93,7 +93,10 @@ def _setup(tmp_path, wait_in="flush"):
     calls, gate = tmp_path / "calls", tmp_path / "gate-open"
     config = write_config(tmp_path, {
         "app": {"kind": "sqlite", "path": str(db)},
-        "slow": {"kind": "gate", "record": str(calls), "gate": str(gate), "wait_in": wait_in},
+        # Waiting in quiesce, it is prepared at once (passes the lock gate) and its lock is
+        # what takes long, so SQLite is held meanwhile.
+        "slow": {"kind": "gate", "record": str(calls), "gate": str(gate), "wait_in": wait_in,
+                 "lock_gate_first": wait_in == "quiesce"},
     }, max_hold=60)
     root, log_dir = tmp_path / "root", tmp_path / "log"
     proc = install(config, root, log_dir, fakes=FAKES)

@@ -221,7 +221,8 @@ def test_rehearsal_snapshot_restores_every_acknowledged_write(persistence, famil
             "the writer did not get going"
         assert writer.error is None, writer.error
 
-        proc = rehearse(config, root, "--freeze", str(fs.mountpoint),
+        # The host's own 1 s poll: the hold must last long enough to show writers waiting.
+        proc = rehearse(config, root, "--freeze", str(fs.mountpoint), "--poll-interval", "1",
                         "--freeze-deadline", str(FREEZE_DEADLINE),
                         "--copy", str(fs.image), str(snapshot))
         report = proc.report

@@ -4,7 +4,8 @@ Lets a test decide exactly when a freeze gets past a step, instead of guessing w
 sleep. Settings: ``record`` (file to append "<hook> <target>" lines to), ``gate`` (the
 file to wait for), ``wait_in`` (the hook that waits), ``max_wait`` (seconds, default 30:
 then the hook goes on as if the gate had opened), ``lock_gate`` (quiesce then calls
-``target.lock_gate()``, like an adapter whose session is prepared).
+``target.lock_gate()``, like an adapter whose session is prepared), ``lock_gate_first``
+(quiesce passes the gate before it waits: prepared at once, its lock is what is slow).
 """
 
 import os
@@ -29,6 +30,7 @@ class Gate:
         target.option("wait_in", str, choices=("check", "flush", "quiesce", "thaw"))
         target.option("max_wait", float, default=30.0)
         target.option("lock_gate", bool, default=False)
+        target.option("lock_gate_first", bool, default=False)
 
     @hookimpl
     def check(self, target):
@@ -41,6 +43,8 @@ class Gate:
 
     @hookimpl
     def quiesce(self, target):
+        if target.settings.get("lock_gate_first"):
+            target.lock_gate()
         self._act(target, "quiesce")
         if target.settings.get("lock_gate"):
             target.lock_gate()
