@@ -4,8 +4,8 @@ Lifecycle for every configured target (``quiesce freeze`` … ``quiesce thaw``):
 
     validate ─▶ check ─▶ flush ─▶ quiesce ─▶ [snapshot] ─▶ thaw
                   │         │         │                     ▲
-                  └─ error ─┴─ error ─┴─ error: every target │
-                     already quiesced is thawed ─────────────┘
+                  └─ error ─┴─ error ─┴─ error: the others stay │
+                     held (hold-others) or are thawed ─────────┘
 
 Each target names its *kind*; the core calls only the adapter registered under that kind
 (bundled adapters under their kind name, third-party adapters under their entry-point
@@ -14,7 +14,7 @@ name), so an implementation never has to check ``target.kind``. All hooks are
 
 Phases run for all targets together: every ``check``, then every ``flush``, then every
 ``quiesce``, concurrently across targets, so no target waits quiesced while another one
-flushes. ``thaw`` runs in reverse config order. An exception raised by any hook becomes a
+flushes. ``thaw`` runs for every held target at once. An exception raised by any hook becomes a
 failed outcome for that target only; raise :class:`quiesce.TargetError` with a message
 that says what was wrong and what to do.
 

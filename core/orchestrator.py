@@ -175,7 +175,7 @@ class Cycle:
     # -- release -----------------------------------------------------------------
 
     def release(self, by: str, reason: str | None = None, *, promised: bool) -> Report:
-        """Thaw every held target in reverse order, once; later calls get the same report.
+        """Thaw every held target, all at once and once; later calls get the same report.
 
         *reason* set means the hold did not cover the window as promised: every released
         target is then reported as broken with that reason. *promised*: freeze was told
@@ -183,7 +183,7 @@ class Cycle:
         """
         if self.report is not None:
             return self.report
-        outcomes = self._thaw_in_reverse(reason)
+        outcomes = self._thaw_all(reason)
         now = time.time()
         held_for = now - self.state["held_since"] if self.state["held_since"] else 0.0
         not_held = self.failed if promised else []
@@ -206,7 +206,7 @@ class Cycle:
                 extra=IN_REPORT)
         return self.report
 
-    def _thaw_in_reverse(self, reason: str | None) -> list[Outcome]:
+    def _thaw_all(self, reason: str | None) -> list[Outcome]:
         """Release every held target at once; outcomes in reverse config order."""
         release = self.armed or self._arm()  # not armed: freeze failed or was cancelled
         outcomes = release.fire(reason)
