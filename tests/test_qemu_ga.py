@@ -26,7 +26,8 @@ import pytest
 from quiesce.hosts.qemu_ga import hook_from_argv
 from quiesce.hosts.qga import AgentError, PrivateAgent
 
-from .support.helpers import make_sqlite, run, sqlite_writable, wait_until, write_config
+from .support.helpers import (make_sqlite, pids_with_args, run, sqlite_writable, wait_until,
+                              write_config)
 from .support.qgakit import (HOOK, QEMU_GA, events, install, rehearse, require_agent, stage_root,
                      thaw_mount)
 
@@ -185,15 +186,7 @@ def test_a_target_down_the_agent_still_freezes_and_quiesce_tells_the_truth(stage
 
 
 def _quiesce_freeze_pids(config: Path) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(config).encode() in argv and b"freeze" in argv and b"-m" in argv:
-            found.append(int(pid))
-    return found
+    return pids_with_args(str(config), "freeze", "-m")
 
 
 @pytest.mark.server

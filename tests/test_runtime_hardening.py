@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,8 @@ import quiesce.runtime
 import quiesce.thaw
 from quiesce import fsfreeze
 
-from .support.helpers import (QUIESCE, env_with, make_sqlite, records, run, sqlite_writable,
-                      wait_until, write_config)
+from .support.helpers import (env_with, make_sqlite, pids_with_args, records, run,
+                              sqlite_writable, wait_until, write_config)
 from .support.servers import free_port
 
 NOBODY = 65534
@@ -264,15 +263,7 @@ def test_freeze_fails_rather_than_promise_a_hold_with_almost_nothing_left(tmp_pa
 
 
 def _sentinels(config: Path) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if quiesce.holder.SENTINEL.encode() in argv and str(config).encode() in argv:
-            found.append(int(pid))
-    return found
+    return pids_with_args(quiesce.holder.SENTINEL, str(config))
 
 
 def test_the_stand_in_watchdog_ends_with_its_own_freeze(tmp_path):

@@ -106,3 +106,17 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
 
 def records(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def pids_with_args(*parts: str) -> list[int]:
+    """The processes whose command line holds every one of *parts* as a whole argument."""
+    wanted = {part.encode() for part in parts}
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted <= set(argv):
+            found.append(int(pid))
+    return found
