@@ -57,6 +57,20 @@ while True:
 """
 
 
+def restored_writes(fs, copy: Path, commits: Path) -> tuple[list[tuple[int, float]], set[int]]:
+    """The writer's (id, commit time) record, and the ids in the restored copy, whose
+    integrity check passed."""
+    committed = [(int(i), float(t)) for i, t in
+                 (ln.split() for ln in commits.read_text().splitlines())]
+    restored = fs.mount_copy(copy)
+    conn = sqlite3.connect(restored.mountpoint / "app.db")
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return committed, {i for (i,) in conn.execute("SELECT id FROM t WHERE v = 'writer'")}
+    finally:
+        conn.close()
+
+
 @pytest.fixture(autouse=True)
 def no_holder_left(tmp_path):
     yield
@@ -184,15 +198,7 @@ def test_rehearsal_snapshot_of_a_busy_database_restores_with_every_committed_wri
     assert copy.stat().st_blocks * 512 < copy.stat().st_size / 2, "the copy is not sparse"
 
     # The snapshot restores: integrity intact, every write committed before the hold there.
-    committed = [(int(i), float(t)) for i, t in
-                 (ln.split() for ln in commits.read_text().splitlines())]
-    restored = fs.mount_copy(copy)
-    conn = sqlite3.connect(restored.mountpoint / "app.db")
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        in_copy = {i for (i,) in conn.execute("SELECT id FROM t WHERE v = 'writer'")}
-    finally:
-        conn.close()
+    committed, in_copy = restored_writes(fs, copy, commits)
     before = {i for i, t in committed if t < held_since}
     after = {i for i, t in committed if t > released_at}
     assert before and after

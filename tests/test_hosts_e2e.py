@@ -6,7 +6,6 @@ committed before the hold."""
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ from quiesce.runtime import read_state, runtime_dir_of
 
 from .support.helpers import make_sqlite, run, wait_until, write_config
 from .support.hostkit import held, install
-from .test_e2e_sqlite import WRITER
+from .test_e2e_sqlite import WRITER, restored_writes
 
 DEADLINE = 20.0
 pytestmark = pytest.mark.root
@@ -86,14 +85,6 @@ def test_snapshot_restores_with_every_committed_write(tmp_path, loopfs, host):
         fsfreeze.thaw(fs.mountpoint)
     assert ok and seen == [True]
     state = read_state(runtime_dir_of(str(config)))
-    committed = [(int(i), float(t)) for i, t in
-                 (ln.split() for ln in commits.read_text().splitlines())]
-    restored = fs.mount_copy(copy)
-    conn = sqlite3.connect(restored.mountpoint / "app.db")
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        in_copy = {i for (i,) in conn.execute("SELECT id FROM t WHERE v = 'writer'")}
-    finally:
-        conn.close()
+    committed, in_copy = restored_writes(fs, copy, commits)
     before = {i for i, t in committed if t < state["held_since"]}
     assert before and before <= in_copy, f"lost writes: {sorted(before - in_copy)[:10]}"
