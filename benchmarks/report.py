@@ -253,7 +253,7 @@ def explanations(r: dict) -> list[str]:
         maria_f = med("mariadb", big, "quiesce", "freeze_ms")
         out += [
             "",
-            f"**With more targets.** quiesce runs each phase for all targets at once (threads in "
+            "**With more targets.** quiesce runs each phase for all targets at once (threads in "
             "the holder) and takes the locks only after every target passed `check` and "
             "`flush`, so its hold does not include the time to prepare the other targets; the "
             "baseline connects every client first too, then sends the locks one after another "

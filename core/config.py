@@ -250,8 +250,8 @@ def load(path: str, adapters: Adapters) -> Config:
         with open(path, "rb") as f:
             raw = f.read()
     except PermissionError:  # a root-owned 0600 file read by another user: a config error
-        raise ConfigError(f"cannot read the config file: permission denied (run quiesce "
-                          f"as root or as the file's owner)", file=path) from None
+        raise ConfigError("cannot read the config file: permission denied (run quiesce "
+                          "as root or as the file's owner)", file=path) from None
     config = parse(path, decode(path, raw))
     validate_targets(config, adapters)
     return config
