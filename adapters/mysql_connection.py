@@ -154,6 +154,12 @@ def connect(target: Target, s: Settings, *, read_timeout: float | None = None):
     for key in ("unix_socket", "host", "port", "user"):
         if getattr(s, key) is not None:
             kw[key] = getattr(s, key)
+    if _over_socket(s, kw):
+        # A local socket is private already, and the mysql client never uses TLS on one.
+        # PyMySQL's default ("preferred") would build a TLS context for every session,
+        # loading the system's CA store: about 20 ms of CPU each, under the interpreter
+        # lock, so 32 targets' sessions queued for most of a second (benchmarks/RESULTS.md).
+        kw["ssl_disabled"] = True
     where = s.where if s.option_file or s.unix_socket or s.host \
         else (f"socket {kw['unix_socket']}" if "unix_socket" in kw
               else f"{kw.get('host', 'localhost')}:{kw.get('port', 3306)}")
@@ -169,6 +175,15 @@ def connect(target: Target, s: Settings, *, read_timeout: float | None = None):
         raise TargetError(f"cannot read option_file {s.option_file}: not a valid MySQL option "
                           f"file ({type(e).__name__}); it needs a [{s.option_group}] section "
                           f"header") from None
+
+
+def _over_socket(s: Settings, kw: dict[str, Any]) -> bool:
+    """Whether PyMySQL will connect through a unix socket (it does whenever one is named)."""
+    if "unix_socket" in kw:
+        return True
+    if s.option_file and s.host is None:
+        return "socket" in mysql_options.read((s.option_file,), (s.option_group,))
+    return False
 
 
 def query(conn, sql: str) -> list[tuple]:

@@ -283,6 +283,29 @@ def test_a_target_with_only_a_kind_connects_like_the_mysql_client(adapters, db, 
 
 
 @pytest.mark.server
+def test_a_session_over_a_unix_socket_builds_no_tls_context(db, tmp_path, monkeypatch):
+    """PyMySQL's default TLS ("preferred") loads the CA store for every session, about 20 ms
+    of CPU each; on a local socket, as for the mysql client, there is no TLS at all. Over
+    TCP PyMySQL's default stays."""
+    monkeypatch.setattr(mysql_options, "DEFAULT_FILES", ())
+    through_file = tmp_path / "socket.cnf"
+    through_file.write_text(f"[client]\nuser = root\nsocket = {db.socket}\n")
+    through_file.chmod(0o600)
+    cases = {"socket setting": ({"unix_socket": str(db.socket), "user": "root"}, False),
+             "option file's socket": ({"option_file": str(through_file)}, False),
+             "TCP": ({"option_file": option_file(tmp_path, db)}, True)}
+    for case, (settings, tls) in cases.items():
+        t = quiesce.Target("m", "mysql", settings, timeout=5.0)
+        if not tls and os.geteuid() != 0:
+            continue  # root@localhost authenticates by the socket peer: only root can
+        conn = mysql_connection.connect(t, my.settings(t))
+        try:
+            assert conn.ssl is tls and hasattr(conn, "ctx") is tls, case
+        finally:
+            mysql_connection.close(conn)
+
+
+@pytest.mark.server
 def test_without_option_files_or_a_socket_it_is_tcp_to_localhost_as_pymysql(adapters, db, tmp_path,
                                                                            monkeypatch):
     monkeypatch.setattr(mysql_options, "DEFAULT_FILES", ())
