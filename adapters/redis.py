@@ -29,287 +29,22 @@ Settings: ``url`` (redis://, rediss:// or unix://; no password in it), ``usernam
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl, import_driver
+from quiesce import Hold, HoldBroken, Target, TargetError, hookimpl
+from quiesce.adapters.redis_connection import (POLL, Deadline, Settings, bgrewriteaof, bgsave, busy_with,
+                                               check_aof, config_value, connect, driver_errors,
+                                               iso, read_info, save_points, server_ms,
+                                               settings, version_of, wait_idle)
 
-DEFAULT_URL = "redis://localhost:6379"
-#: The server's own config on Debian/Ubuntu and RHEL 9, then RHEL 8: where a stock install
-#: says whether it listens on a unix socket (`unixsocket`, commented out by default).
-SERVER_CONFIGS = ("/etc/redis/redis.conf", "/etc/redis.conf")
-MODES = ("pause", "flush-only")
 #: CLIENT PAUSE … WRITE appeared in Redis 6.2.
 PAUSE_WRITE_SINCE = (6, 2)
-POLL = 0.05  # seconds between INFO polls while waiting for a child process
-
-
-# --- settings -------------------------------------------------------------------------
-
-def default_url() -> str:
-    """Without a url: the server's socket when its config names one that exists, else
-    redis-cli's own default, TCP to localhost:6379."""
-    for path in SERVER_CONFIGS:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            words = line.split()
-            if len(words) == 2 and words[0].lower() == "unixsocket":
-                socket = words[1].strip('"')
-                if os.path.isabs(socket) and os.path.exists(socket):
-                    return f"unix://{socket}"
-        return DEFAULT_URL  # the first config found is the server's
-    return DEFAULT_URL
-
-
-def _parse_url(target: Target) -> dict[str, Any]:
-    """Connection keyword arguments from ``url``; refuses credentials in the URL."""
-    url = target.option("url", str, default=None) or default_url()
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise target.error("url", f"not a valid URL: {e}") from None
-    if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise target.error("url", f"must start with redis://, rediss:// or unix://, got {url!r}")
-    if parts.password is not None:
-        # Never echo the URL here: it holds the password.
-        raise target.error("url", "contains a password; remove it from the URL and put it in "
-                                  "a file named by password_file (mode 0600)")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    if set(query) - {"db"}:
-        raise target.error("url", f"unsupported URL parameter(s) "
-                                  f"{', '.join(sorted(set(query) - {'db'}))}; only db is "
-                                  f"accepted (connection options are settings of their own)")
-    kwargs: dict[str, Any] = {}
-    if parts.username:
-        kwargs["username"] = unquote(parts.username)
-    if parts.scheme == "unix":
-        path = unquote(parts.path)
-        if not path.startswith("/"):
-            raise target.error("url", f"a unix:// URL needs an absolute socket path "
-                                      f"(unix:///run/redis/redis.sock), got {url!r}")
-        kwargs["unix_socket_path"] = path
-    else:
-        kwargs["host"] = parts.hostname or "localhost"
-        kwargs["port"] = port or 6379
-        kwargs["ssl"] = parts.scheme == "rediss"
-    # The database number does not matter: pauses and saves are server-wide.
-    return kwargs
-
-
-def _client_kwargs(target: Target) -> dict[str, Any]:
-    """Everything the client needs to connect, read through the Target API."""
-    kwargs = _parse_url(target)
-    username = target.option("username", str, default=None)
-    if username is not None:
-        if "username" in kwargs and kwargs["username"] != username:
-            raise target.error("username", "differs from the user named in url; keep one")
-        kwargs["username"] = username
-    password = target.secret("password_file", default=None)
-    if password is not None:
-        kwargs["password"] = password
-    tls = {"ssl_ca_certs": target.option("ssl_ca_certs", str, default=None),
-           "ssl_certfile": target.option("ssl_certfile", str, default=None),
-           "ssl_keyfile": target.private_file("ssl_keyfile", default=None)}
-    for key, path in tls.items():
-        if path is None:
-            continue
-        if not kwargs.get("ssl"):
-            raise target.error(key, "TLS options need a rediss:// url")
-        if not os.path.isabs(path):
-            raise target.error(key, f"must be an absolute path, got {path!r}")
-        if not os.path.exists(path):
-            raise target.error(key, f"{path} does not exist")
-        kwargs[key] = path
-    return kwargs
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A target's settings, read and checked, with the limits the hooks use."""
-
-    mode: str
-    aof_rewrite: bool
-    client: dict[str, Any]  # keyword arguments for redis.Redis (may hold the password)
-    where: str              # the URL, for messages: it can hold no password
-    user: str               # the ACL user, for GRANT advice
-    timeout: float
-
-    def __repr__(self) -> str:  # never show the password
-        return f"Settings(mode={self.mode!r}, where={self.where!r}, user={self.user!r})"
-
-
-def settings(target: Target) -> Settings:
-    """Read (and check) every setting. Used by validate and again by each hook."""
-    client = _client_kwargs(target)
-    return Settings(mode=target.option("mode", str, default="pause", choices=MODES),
-                    aof_rewrite=target.option("aof_rewrite", bool, default=False),
-                    client=client,
-                    where=target.option("url", str, default=None) or default_url(),
-                    user=client.get("username") or "default", timeout=target.timeout)
 
 
 @hookimpl
 def validate(target: Target) -> None:
     settings(target)
-
-
-# --- talking to Redis -----------------------------------------------------------------
-
-def _redis():
-    return import_driver("redis", "redis", "backoff", "exceptions", "retry")
-
-
-def _connect(s: Settings):
-    """One connection, no retries (a retried BGSAVE or PAUSE is not what was asked)."""
-    redis = _redis()
-    try:
-        # single_connection_client connects and authenticates here, so connection and
-        # auth errors get their own messages (no PING: Redis refuses it while a failed
-        # save stops writes).
-        return redis.Redis(
-            **s.client,
-            socket_timeout=s.timeout, socket_connect_timeout=s.timeout,
-            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            single_connection_client=True, decode_responses=True, protocol=2)
-    except redis.exceptions.AuthenticationError as e:
-        raise TargetError(f"Redis at {s.where} refused user {s.user!r} ({e}); "
-                          f"check username and password_file") from None
-    except redis.exceptions.RedisError as e:
-        raise TargetError(f"cannot connect to Redis at {s.where} within "
-                          f"{s.timeout:g} s: {e}; check url and that Redis is "
-                          f"running") from None
-
-
-def _errors():
-    return _redis().exceptions
-
-
-def _info(client, section: str | None = None) -> dict[str, Any]:
-    return client.info(section) if section else client.info()
-
-
-def _config(client, name: str) -> str | None:
-    """One CONFIG GET (one parameter per call: Redis 6.2 takes a single pattern)."""
-    return client.config_get(name).get(name)
-
-
-def _save_points(client) -> list[tuple[int, int]]:
-    """RDB save points as (seconds, changes); empty when RDB snapshots are off."""
-    words = (_config(client, "save") or "").split()
-    return [(int(words[i]), int(words[i + 1])) for i in range(0, len(words) - 1, 2)]
-
-
-def _version(info: dict[str, Any]) -> tuple[int, ...]:
-    parts = []
-    for piece in str(info.get("redis_version", "0")).split(".")[:3]:
-        parts.append(int(piece) if piece.isdigit() else 0)
-    return tuple(parts)
-
-
-def _server_ms(info: dict[str, Any]) -> int:
-    """The server's wall clock in ms (INFO server), or ours when it does not say."""
-    usec = info.get("server_time_usec")
-    return int(usec) // 1000 if isinstance(usec, int) else int(time.time() * 1000)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).astimezone().isoformat(
-        timespec="milliseconds")
-
-
-class _Deadline:
-    """The end of a bounded wait, and its length for messages."""
-
-    def __init__(self, seconds: float):
-        self.seconds = max(0.0, seconds)
-        self.at = time.monotonic() + self.seconds
-
-    def passed(self) -> bool:
-        return time.monotonic() >= self.at
-
-
-def _busy(p: dict[str, Any]) -> list[str]:
-    """What child process work is running or about to start, per INFO persistence."""
-    busy = []
-    if p.get("rdb_bgsave_in_progress"):
-        busy.append("a background save")
-    if p.get("aof_rewrite_in_progress") or p.get("aof_rewrite_scheduled"):
-        busy.append("an AOF rewrite")
-    if p.get("module_fork_in_progress"):
-        busy.append("a module's fork")
-    return busy
-
-
-def _wait_idle(client, s: Settings, deadline: _Deadline, doing: str) -> dict[str, Any]:
-    """Poll INFO persistence until no save or rewrite runs; bounded by *deadline*."""
-    while True:
-        p = _info(client, "persistence")
-        busy = _busy(p)
-        if not busy:
-            return p
-        if deadline.passed():
-            raise TargetError(f"{' and '.join(busy)} still running on Redis at "
-                              f"{s.where} after {deadline.seconds:g} s ({doing}); it "
-                              f"goes on in the background. Raise the target's timeout to "
-                              f"cover a full save of this dataset, or retry later")
-        time.sleep(POLL)
-
-
-def _bgsave(client, s: Settings, deadline: _Deadline, doing: str) -> dict[str, Any]:
-    """BGSAVE (not SCHEDULE), wait until it ends, refuse a failed save. Returns facts."""
-    errors = _errors()
-    started = time.monotonic()
-    while True:
-        before = _wait_idle(client, s, deadline, doing)
-        try:
-            client.execute_command("BGSAVE")
-            break
-        except errors.ResponseError as e:
-            # A save or rewrite started between our INFO and BGSAVE: wait and retry.
-            if ("progress" not in str(e) and "child process" not in str(e)) or (
-                    deadline.passed()):
-                raise TargetError(f"BGSAVE failed on Redis at {s.where}: {e}") from None
-            time.sleep(POLL)
-    after = _wait_idle(client, s, deadline, doing)
-    if after.get("rdb_last_bgsave_status") != "ok" or (
-            "rdb_saves" in before and after.get("rdb_saves", 0) <= before["rdb_saves"]):
-        raise TargetError(f"the background save on Redis at {s.where} failed "
-                          f"(rdb_last_bgsave_status:{after.get('rdb_last_bgsave_status')}); "
-                          f"the RDB on disk is not current. See the Redis log (disk full? "
-                          f"dir not writable?), fix it, and run BGSAVE to confirm")
-    return {"seconds": round(time.monotonic() - started, 3),
-            "last_save": _iso(int(after.get("rdb_last_save_time", 0)) * 1000)}
-
-
-def _bgrewriteaof(client, s: Settings, deadline: _Deadline) -> float:
-    started = time.monotonic()
-    _wait_idle(client, s, deadline, "before BGREWRITEAOF")
-    try:
-        client.execute_command("BGREWRITEAOF")
-    except _errors().ResponseError as e:
-        raise TargetError(f"BGREWRITEAOF failed on Redis at {s.where}: {e}") from None
-    after = _wait_idle(client, s, deadline, "waiting for BGREWRITEAOF")
-    if after.get("aof_last_bgrewrite_status") != "ok":
-        raise TargetError(f"the AOF rewrite on Redis at {s.where} failed "
-                          f"(aof_last_bgrewrite_status:"
-                          f"{after.get('aof_last_bgrewrite_status')}); see the Redis log")
-    return round(time.monotonic() - started, 3)
-
-
-def _check_aof(p: dict[str, Any], s: Settings) -> None:
-    if p.get("aof_enabled") and p.get("aof_last_write_status", "ok") != "ok":
-        raise TargetError(f"Redis at {s.where} failed to write its AOF "
-                          f"(aof_last_write_status:{p.get('aof_last_write_status')}): the log "
-                          f"on disk is incomplete and Redis refuses writes. See the Redis log")
 
 
 # --- check ----------------------------------------------------------------------------
@@ -334,7 +69,7 @@ def _missing_permissions(client, s: Settings) -> list[str]:
     Redis checks ACLs when a command is queued inside MULTI; DISCARD then drops the
     queue, so nothing is paused or saved (ACL DRYRUN would need ACL rights itself).
     """
-    errors = _errors()
+    errors = driver_errors()
     probes = {"bgsave": ("BGSAVE",), "bgrewriteaof": ("BGREWRITEAOF",),
               "client|pause": ("CLIENT", "PAUSE", "1", "WRITE"),
               "client|unpause": ("CLIENT", "UNPAUSE")}
@@ -395,14 +130,14 @@ def _check_warnings(info: dict[str, Any], points: list[tuple[int, int]],
 @hookimpl
 def check(target: Target) -> dict[str, Any]:
     s = settings(target)
-    errors = _errors()
-    client = _connect(s)
+    errors = driver_errors()
+    client = connect(s)
     try:
         try:
-            info = _info(client)
-            points = _save_points(client)
-            appendfsync = _config(client, "appendfsync")
-            data_dir = _config(client, "dir")
+            info = read_info(client)
+            points = save_points(client)
+            appendfsync = config_value(client, "appendfsync")
+            data_dir = config_value(client, "dir")
             missing = _missing_permissions(client, s)
         except errors.NoPermissionError as e:
             raise TargetError(f"user {s.user!r} lacks a permission on Redis at "
@@ -417,7 +152,7 @@ def check(target: Target) -> dict[str, Any]:
                           f"{', '.join(m.upper().replace('|', ' ') for m in missing)} on Redis "
                           f"at {s.where}; grant it with: {_acl_line(s)}")
 
-    version = _version(info)
+    version = version_of(info)
     if s.mode == "pause" and version < PAUSE_WRITE_SINCE:
         raise TargetError(f"Redis {info.get('redis_version')} at {s.where} cannot pause "
                           f"only writes (CLIENT PAUSE WRITE needs 6.2 or later); upgrade it, or "
@@ -426,7 +161,7 @@ def check(target: Target) -> dict[str, Any]:
 
     facts = _check_facts(info, s, points, appendfsync, data_dir)
     warnings = _check_warnings(info, points, appendfsync)
-    _check_aof(info, s)
+    check_aof(info, s)
     if warnings:
         facts["warnings"] = warnings
     return facts
@@ -437,18 +172,18 @@ def check(target: Target) -> dict[str, Any]:
 @hookimpl
 def flush(target: Target) -> dict[str, Any] | None:
     s = settings(target)
-    errors = _errors()
-    client = _connect(s)
+    errors = driver_errors()
+    client = connect(s)
     try:
-        deadline = _Deadline(target.timeout)
-        p = _wait_idle(client, s, deadline, "before flush")
-        _check_aof(p, s)
-        points = _save_points(client)
+        deadline = Deadline(target.timeout)
+        p = wait_idle(client, s, deadline, "before flush")
+        check_aof(p, s)
+        points = save_points(client)
         facts: dict[str, Any] = {}
         if s.aof_rewrite and p.get("aof_enabled"):
-            facts["aof_rewrite_seconds"] = _bgrewriteaof(client, s, deadline)
+            facts["aof_rewrite_seconds"] = bgrewriteaof(client, s, deadline)
         if points:
-            facts["bgsave"] = _bgsave(client, s, deadline, "waiting for BGSAVE")
+            facts["bgsave"] = bgsave(client, s, deadline, "waiting for BGSAVE")
         if not points and not p.get("aof_enabled"):
             facts["warnings"] = ["NOTHING ON DISK: RDB and AOF are off; nothing was saved"]
         return facts or None
@@ -468,20 +203,24 @@ def _save_could_fire(points: list[tuple[int, int]], p: dict[str, Any], until_ms:
                for seconds, changes in points)
 
 
-def _settle(client, s: Settings, pause_deadline_ms: int, now_ms: int) -> dict[str, Any]:
-    """Under the pause: leave disk files complete and nothing that could write later."""
+def _settle(client, s: Settings, pause_deadline_ms: int, now_ms: int,
+            points: list[tuple[int, int]], p: dict[str, Any]) -> dict[str, Any]:
+    """Under the pause: leave disk files complete and nothing that could write later.
+
+    *p* is INFO persistence as read under the pause, *points* the save points read
+    before it (configuration: no need to hold writers for it)."""
     # Bounded by the timeout, and ended well before Redis ends the pause by itself.
-    deadline = _Deadline(min(s.timeout, (pause_deadline_ms - now_ms) / 1000 - 0.5))
-    p = _wait_idle(client, s, deadline, "under the write pause")
+    deadline = Deadline(min(s.timeout, (pause_deadline_ms - now_ms) / 1000 - 0.5))
+    if busy_with(p):
+        p = wait_idle(client, s, deadline, "under the write pause")
     facts: dict[str, Any] = {}
-    points = _save_points(client)
     dirty = p.get("rdb_changes_since_last_save", 0)
     aof = bool(p.get("aof_enabled"))
     if points and dirty and (not aof or _save_could_fire(points, p, pause_deadline_ms)):
         # The RDB is what a restore loads (AOF off), or an automatic save would start
         # while the disks are frozen: save the paused dataset now.
-        facts["final_bgsave"] = _bgsave(client, s, deadline, "final save under the pause")
-        p = _info(client, "persistence")
+        facts["final_bgsave"] = bgsave(client, s, deadline, "final save under the pause")
+        p = read_info(client, "persistence")
     else:
         facts["final_bgsave"] = "not needed"
     if aof:
@@ -493,21 +232,56 @@ def _settle(client, s: Settings, pause_deadline_ms: int, now_ms: int) -> dict[st
                 raise TargetError(f"the AOF buffer of Redis at {s.where} was not "
                                   f"written out within {deadline.seconds:g} s (slow disk?)")
             time.sleep(POLL)
-            p = _info(client, "persistence")
-        _check_aof(p, s)
+            p = read_info(client, "persistence")
+        check_aof(p, s)
     return facts
+
+
+class _Pipeline:
+    """Commands written now and read later on one connection: the lock gate writes the
+    pause, the core writes the release (``Hold.release``), each in a single packet."""
+
+    def __init__(self, client, *commands: tuple):
+        self.client, self.commands = client, commands
+        self.packed = client.connection.pack_commands(commands)
+        self.sent_at: float | None = None  # time.monotonic() just before the write
+        self.failed = False  # the write failed: redis-py has disconnected
+
+    def send(self) -> None:
+        self.sent_at = time.monotonic()
+        try:
+            self.client.connection.send_packed_command(self.packed, check_health=False)
+        except BaseException:
+            self.failed = True
+            raise
+
+    @property
+    def usable(self) -> bool:
+        return not self.failed and self.client.connection is not None  # None: closed
+
+    def replies(self) -> list[Any]:
+        """Each command's reply, parsed as redis-py parses it; an error reply raises."""
+        if self.sent_at is None:
+            self.send()
+        return [self.client.parse_response(self.client.connection, command[0])
+                for command in self.commands]
+
+
+#: thaw's round trip: whether the pause still held (Valkey 8 says; Redis 7.0 does not), the
+#: release, then the server's clock and identity.
+RELEASE = (("INFO", "clients"), ("CLIENT", "UNPAUSE"), ("INFO", "server"))
 
 
 def _unpause_after_failure(s: Settings, deadline_ms: int) -> str:
     try:
-        client = _connect(s)
+        client = connect(s)
         try:
             client.execute_command("CLIENT", "UNPAUSE")
         finally:
             client.close()
         return "writers were released"
     except Exception:
-        return f"writers could not be released now; Redis releases them at {_iso(deadline_ms)}"
+        return f"writers could not be released now; Redis releases them at {iso(deadline_ms)}"
 
 
 @hookimpl
@@ -515,30 +289,39 @@ def quiesce(target: Target) -> Hold | None:
     s = settings(target)
     if s.mode == "flush-only":
         return None
-    errors = _errors()
+    errors = driver_errors()
     ms = max(1, math.ceil(target.max_hold * 1000))
-    client = _connect(s)
+    client = connect(s)
     deadline_ms = None
     try:
-        target.lock_gate()  # connected: pause together with the other targets
-        server = _info(client, "server")  # after the gate: before_ms bounds the pause's start
-        before_ms = _server_ms(server)
-        # Redis sets its deadline from its clock at some instant after before_ms, so this
-        # is the earliest the pause can end: thaw errs towards reporting it broken. Set
-        # before sending: from here on a failure (a timeout) may leave a pause to release.
+        server = read_info(client, "server")
+        read_at = time.monotonic()  # the server read its clock before this
+        points = save_points(client)  # configuration: read before the pause, not under it
+        pause = _Pipeline(client, ("CLIENT", "PAUSE", ms, "WRITE"), ("INFO", "persistence"))
+        # Redis sets the pause's end from its clock when it runs the PAUSE, after the INFO
+        # above: this is the earliest it can be, so thaw errs towards reporting it broken.
+        # Set before the write: from then on a failure (a timeout) may leave a pause.
+        deadline_ms = server_ms(server) + ms
+        target.lock_gate(pause.send)  # written together with the other targets' locks
+        # ... and it ran after the write, at least this long after the INFO
+        before_ms = server_ms(server) + int(((pause.sent_at or read_at) - read_at) * 1000)
         deadline_ms = before_ms + ms
         try:
-            client.execute_command("CLIENT", "PAUSE", ms, "WRITE")
+            paused, persistence = pause.replies()
             locked_at = time.time()
         except errors.ResponseError as e:
             deadline_ms = None  # refused: nothing is paused
             raise TargetError(f"CLIENT PAUSE {ms} WRITE failed on Redis at {s.where}: "
                               f"{e} (Redis 6.2 or later is needed; see mode = "
                               f"\"flush-only\")") from None
-        facts = {"pause_ms": ms, "pause_deadline": _iso(deadline_ms),
+        facts = {"pause_ms": ms, "pause_deadline": iso(deadline_ms),
                  "pause_deadline_ms": deadline_ms, "run_id": server.get("run_id")}
-        facts.update(_settle(client, s, deadline_ms, before_ms))
-        return Hold(session=None, facts=facts, locked_at=locked_at)
+        facts.update(_settle(client, s, deadline_ms, before_ms, points, persistence))
+        # the connection stays open for the release: thaw then costs no connect
+        hold = Hold(session=None, facts=facts, locked_at=locked_at,
+                    release=_Pipeline(client, *RELEASE))
+        client = None
+        return hold
     except BaseException as e:
         if deadline_ms is not None:
             released = _unpause_after_failure(s, deadline_ms)
@@ -551,6 +334,32 @@ def quiesce(target: Target) -> Hold | None:
             raise TargetError(f"quiesce of Redis at {s.where} failed: {e}") from None
         raise
     finally:
+        if client is not None:
+            client.close()
+
+
+def _release(s: Settings, hold: Hold) -> list[Any]:
+    """The replies to RELEASE: on the connection kept since quiesce (the core has written
+    the release already), or, when it is gone (the holder died) or broken, a new one."""
+    errors = driver_errors()
+    kept = hold.release
+    if kept is not None:
+        try:
+            if kept.usable:  # not: its write failed, or a second thaw of this hold
+                return kept.replies()
+        except (errors.ConnectionError, errors.TimeoutError):
+            pass  # closed while idle (the server's `timeout`?): once more, connected anew
+        finally:
+            kept.client.close()
+    deadline_ms = (hold.facts or {}).get("pause_deadline_ms")
+    try:
+        client = connect(s)
+    except TargetError as e:
+        later = f"; Redis ends the pause by itself at {iso(deadline_ms)}" if deadline_ms else ""
+        raise TargetError(f"{e}{later}") from None
+    try:
+        return _Pipeline(client, *RELEASE).replies()
+    finally:
         client.close()
 
 
@@ -560,35 +369,22 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     facts = hold.facts or {}
     if s.mode == "flush-only" and "pause_deadline_ms" not in facts:
         return None  # nothing was paused
-    errors = _errors()
+    errors = driver_errors()
     deadline_ms = facts.get("pause_deadline_ms")
     try:
-        client = _connect(s)
-    except TargetError as e:
-        later = f"; Redis ends the pause by itself at {_iso(deadline_ms)}" if deadline_ms else ""
-        raise TargetError(f"{e}{later}") from None
-    try:
-        # One round trip: whether the pause still held (Valkey 8 says; Redis 7.0 does
-        # not), the release, then the server's clock and identity.
-        pipe = client.pipeline(transaction=False)
-        pipe.info("clients")
-        pipe.execute_command("CLIENT", "UNPAUSE")
-        pipe.info("server")
-        clients, _, server = pipe.execute()
+        clients, _, server = _release(s, hold)
     except errors.RedisError as e:
         raise TargetError(f"CLIENT UNPAUSE failed on Redis at {s.where}: {e}"
-                          + (f"; Redis ends the pause by itself at {_iso(deadline_ms)}"
+                          + (f"; Redis ends the pause by itself at {iso(deadline_ms)}"
                              if deadline_ms else "")) from None
-    finally:
-        client.close()
-    now_ms = _server_ms(server)
-    result = {"unpaused_at": _iso(now_ms)}
+    now_ms = server_ms(server)
+    result = {"unpaused_at": iso(now_ms)}
     if facts.get("run_id") and server.get("run_id") != facts["run_id"]:
         raise HoldBroken(f"Redis at {s.where} restarted during the hold (run_id "
                          f"changed), which ended the pause: the snapshot may contain writes "
                          f"made after the freeze")
     if deadline_ms is not None and now_ms >= deadline_ms:
-        raise HoldBroken(f"the pause ended by itself at {_iso(deadline_ms)}, before thaw: the "
+        raise HoldBroken(f"the pause ended by itself at {iso(deadline_ms)}, before thaw: the "
                          f"snapshot may contain writes made after the freeze (raise the "
                          f"target's max_hold if the snapshot takes longer)")
     if deadline_ms is not None and clients.get("paused_actions") == "none":

@@ -195,6 +195,7 @@ class Holder:
             # a thaw after that must never be called early (`quiesce exec` thaws at once).
             self.freeze_done.set()
             self._send({"type": "ready", "report": self.status_report()})
+            self.cycle.arm()
         readable, _, _ = select.select([self.ack_fd], [], [], ACK_TIMEOUT)
         return bool(readable) and os.read(self.ack_fd, 16).startswith(b"ack")
 

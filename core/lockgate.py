@@ -14,7 +14,15 @@ The gate must never hold a lock back for long, nor deadlock a phase:
   for all (a preparation that overruns delays the others by that much, then they lock);
 - the phase opens the gate when it ends, so a call it abandoned never waits on it.
 
-Outside a quiesce phase (no gate attached) ``target.lock_gate()`` returns at once.
+An adapter whose lock statement can be written without waiting for its reply passes that
+write as ``target.lock_gate(send)``: the thread that opens the gate then calls every waiting
+target's ``send`` back to back, so the statements leave within microseconds of each other
+(woken one by one, 32 threads would each need the interpreter lock first: milliseconds of
+spread). Each adapter then reads its own reply; an error of its ``send`` is raised in its
+own thread, from ``lock_gate``.
+
+Outside a quiesce phase (no gate attached) ``target.lock_gate()`` returns at once, after
+calling ``send`` if one was given.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .target import Target
 
@@ -36,6 +44,8 @@ class LockGate:
         self._waiting_for = {t.name for t in targets}
         self._guard = threading.Lock()
         self._open = threading.Event()
+        self._sends: dict[str, Callable[[], None]] = {}   # statements to write on opening
+        self._errors: dict[str, BaseException] = {}       # what a send raised, per target
         if not self._waiting_for:
             self._open.set()
 
@@ -44,23 +54,55 @@ class LockGate:
         with self._guard:
             self._waiting_for.discard(target.name)
             if not self._waiting_for:
-                self._open.set()
+                self._open_locked()
 
-    def wait(self, target: Target) -> bool:
-        """*target* is prepared: wait for the others; true if they all were prepared."""
-        self.arrive(target)
-        if self._open.wait(target.timeout):
-            return True
-        with self._guard:  # the first to run out opens it: the others lock now too
-            if not self._open.is_set():
-                log.warning("%s was not prepared within %s's timeout (%g s); the other "
-                            "targets lock without waiting for it",
-                            ", ".join(sorted(self._waiting_for)), target.name, target.timeout)
-                self._open.set()
-        return False
+    def wait(self, target: Target, send: Callable[[], None] | None = None) -> bool:
+        """*target* is prepared: wait for the others; true if they all were prepared.
+
+        *send*, if given, is called when the gate opens, with the other targets' (see the
+        module's docstring); what it raised is raised here."""
+        with self._guard:
+            if self._open.is_set():
+                late = True
+            else:
+                late = False
+                if send is not None:
+                    self._sends[target.name] = send
+                self._waiting_for.discard(target.name)
+                if not self._waiting_for:
+                    self._open_locked()
+        if late:  # opened without it (someone ran out of time): lock now, alone
+            if send is not None:
+                send()
+            return False
+        prepared = self._open.wait(target.timeout)
+        if not prepared:
+            with self._guard:  # the first to run out opens it: the others lock now too
+                if not self._open.is_set():
+                    log.warning("%s was not prepared within %s's timeout (%g s); the other "
+                                "targets lock without waiting for it",
+                                ", ".join(sorted(self._waiting_for)), target.name,
+                                target.timeout)
+                    self._open_locked()
+        error = self._errors.pop(target.name, None)
+        if error is not None:
+            raise error
+        return prepared
+
+    def _open_locked(self) -> None:
+        """Write every waiting target's lock statement, back to back, then wake them all."""
+        for name, send in self._sends.items():
+            try:
+                send()
+            except BaseException as e:  # raised in its own target's thread
+                self._errors[name] = e
+        self._sends.clear()
+        self._open.set()
 
     def open(self) -> None:
-        self._open.set()
+        with self._guard:
+            if not self._open.is_set():
+                self._open_locked()
 
     @contextmanager
     def attached(self, targets: list[Target]) -> Iterator[LockGate]:

@@ -162,10 +162,14 @@ class Cycle:
         return False
 
     def holding(self) -> None:
-        """Record that the hold is promised: freeze is told "ready" next."""
+        """Record that the hold is promised: freeze is told "ready" next, then :meth:`arm`."""
         self.state.update(phase=runtime.HOLDING, frozen_at=time.time(), not_held=self.failed)
         self.events.save()
-        self.armed = self._arm()
+
+    def arm(self) -> None:
+        """Start the release threads: after "ready" went out, so writers never wait for it."""
+        if self.armed is None and self.report is None:
+            self.armed = self._arm()
 
     def _arm(self) -> Release:
         """Release threads for every held target, waiting for one wake-up."""
@@ -224,17 +228,23 @@ class Cycle:
 
 
 class Release:
-    """Release threads armed before the hold: one wake-up releases every target at once.
+    """Release threads armed during the hold: one wake-up releases every target at once.
 
-    Each held target gets a thread, started when the hold is promised, that waits on one
+    Each held target gets a thread, started as soon as "ready" went out, that waits on one
     event and then calls its adapter's ``thaw``. So the release pays no thread start and
     no target waits for another's release (the old order, each one after the previous, made
-    the last target wait for every other). Outcomes are still listed in reverse config
-    order. A release that overruns its hard limit is reported as failed and abandoned.
+    the last target wait for every other). A hold with a prepared release
+    (``Hold.release``) has its releasing statement written first, from the firing thread,
+    back to back with the others': the writers of every target go within microseconds of
+    each other, before any thread has even woken. Outcomes are still listed in reverse
+    config order. A release that overruns its hard limit is reported as failed and
+    abandoned.
     """
 
     def __init__(self, adapters: Adapters, targets: list[Target], holds: dict[str, Hold]):
         self.adapters, self.targets = adapters, targets
+        self.prepared = [holds[t.name].release for t in targets
+                         if holds[t.name].release is not None]
         self.go = threading.Event()
         self.reason: str | None = None
         self.results: dict[str, Outcome] = {}
@@ -256,6 +266,11 @@ class Release:
         """Release every target now; their outcomes, in reverse config order."""
         self.reason = reason
         fired = time.monotonic()
+        for release in self.prepared:
+            try:
+                release.send()
+            except Exception:  # its thaw hook finds out and reports it
+                log.debug("a prepared release failed to send", exc_info=True)
         self.go.set()
         outcomes = []
         for target, thread in zip(self.targets, self.threads):

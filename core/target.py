@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError
 
@@ -92,15 +92,21 @@ class Target:
         calls them all concurrently may take."""
         return max((t.call_limit for t in targets), default=0.0)
 
-    def lock_gate(self) -> None:
+    def lock_gate(self, send: Callable[[], None] | None = None) -> None:
         """Call in ``quiesce`` right before the lock statement, once the session is
         prepared (connected, checked, session variables set): it returns when every
         target of the phase is prepared too (at most ``timeout`` later), so all locks are
         taken at the same moment and no writer waits for another target's preparation.
-        Outside a quiesce phase it returns at once."""
+
+        *send*, if given, only writes the lock statement (the adapter reads the reply after
+        ``lock_gate`` returns): the gate calls every target's *send* back to back from one
+        thread, the tightest "together" there is. What *send* raised, ``lock_gate`` raises.
+        Outside a quiesce phase it returns at once (after calling *send*)."""
         gate = self._gate
         if gate is not None:
-            gate.wait(self)
+            gate.wait(self, send)
+        elif send is not None:
+            send()
 
     def key(self, key: str) -> str:
         return f"targets.{self.name}.{key}"
@@ -183,6 +189,14 @@ class Hold:
     session: Any = None
     facts: dict[str, Any] = field(default_factory=dict)
     locked_at: float | None = None
+    #: Optional, for a release that waits for nobody: an adapter's object, kept open since
+    #: ``quiesce``, whose ``send()`` writes the releasing statement without waiting for
+    #: the reply. When thaw comes the core calls every held target's ``release.send()`` back
+    #: to back from one thread, then runs the ``thaw`` hooks, which finish the release
+    #: through the same object (read the reply, check). It holds no lock itself, so it
+    #: does not make the hold session-bound. Gone if the holder died: ``thaw`` then works
+    #: from ``facts`` alone.
+    release: Any = None
 
     @property
     def session_bound(self) -> bool:

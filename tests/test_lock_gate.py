@@ -99,3 +99,59 @@ def test_a_preparation_that_overruns_lets_the_others_lock_anyway(tmp_path):
     assert sqlite_writable(db)
     log = (tmp_path / "log" / "quiesce.log").read_text()  # the holder's, written at release
     assert "slow was not prepared within app's timeout (1 s)" in log
+
+
+def test_the_gate_writes_every_lock_statement_back_to_back_from_one_thread():
+    """Adapters that can split their lock into a write and a read (Redis) hand the write to
+    the gate: the thread that opens it writes them all, before any waiter wakes; a write's
+    error is raised in its own target's thread only."""
+    import threading
+
+    import quiesce
+    from quiesce.lockgate import LockGate
+
+    targets = [quiesce.Target(f"t{i}", "x", {}, timeout=10) for i in range(8)]
+    gate = LockGate(targets)
+    events: list[tuple[str, str, int]] = []  # (what, target, thread)
+
+    def sender(name):
+        def send():
+            events.append(("write", name, threading.get_ident()))
+            if name == "t3":
+                raise ConnectionResetError("the server went away")
+        return send
+
+    def prepare_and_lock(target, delay):
+        time.sleep(delay)  # preparations end at different moments
+        try:
+            gate.wait(target, sender(target.name))
+            events.append(("locked", target.name, threading.get_ident()))
+        except ConnectionResetError as e:
+            events.append((f"error: {e}", target.name, threading.get_ident()))
+
+    threads = [threading.Thread(target=prepare_and_lock, args=(t, 0.02 * i))
+               for i, t in enumerate(targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    writes = [e for e in events if e[0] == "write"]
+    assert sorted(name for _, name, _ in writes) == sorted(t.name for t in targets)
+    assert len({thread for _, _, thread in writes}) == 1, "the writes came from several threads"
+    assert events[:len(targets)] == writes, "a waiter went on before every lock was written"
+    outcomes = {name: what for what, name, _ in events[len(targets):]}
+    assert outcomes.pop("t3") == "error: the server went away"
+    assert set(outcomes.values()) == {"locked"}
+
+
+def test_a_target_that_reaches_an_opened_gate_writes_its_own_lock():
+    import quiesce
+    from quiesce.lockgate import LockGate
+
+    fast, slow = (quiesce.Target(n, "x", {}, timeout=0.2) for n in ("fast", "slow"))
+    gate = LockGate([fast, slow])
+    written = []
+    assert gate.wait(fast, lambda: written.append("fast")) is False  # slow never came: timeout
+    assert written == ["fast"]
+    assert gate.wait(slow, lambda: written.append("slow")) is False  # late: alone, at once
+    assert written == ["fast", "slow"]

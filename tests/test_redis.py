@@ -525,12 +525,12 @@ def test_cli_freeze_holds_across_holder_death_and_thaw_releases(make_redis, tmp_
 def test_a_target_with_only_a_kind_uses_the_socket_the_servers_config_names(
         adapters, make_redis, tmp_path, monkeypatch):
     """Debian's redis.conf with `unixsocket` uncommented: quiesce connects through it."""
-    from quiesce.adapters import redis as adapter
+    from quiesce.adapters import redis_connection
     server = make_redis(persistence="rdb")
     conf = tmp_path / "redis.conf"
     conf.write_text(f"# unixsocket /run/redis/redis-server.sock\nport 0\n"
                     f"unixsocket {server.socket}\nunixsocketperm 700\n")
-    monkeypatch.setattr(adapter, "SERVER_CONFIGS", (str(tmp_path / "absent.conf"), str(conf)))
+    monkeypatch.setattr(redis_connection, "SERVER_CONFIGS", (str(tmp_path / "absent.conf"), str(conf)))
     target = quiesce.Target(name="cache", kind="redis", settings={}, timeout=5, max_hold=30)
     _, _, hold = freeze(adapters, target)
     try:
@@ -540,4 +540,57 @@ def test_a_target_with_only_a_kind_uses_the_socket_the_servers_config_names(
     assert writable(server)
     # With the socket commented out (the stock file), it is redis-cli's default.
     conf.write_text("# unixsocket /run/redis/redis-server.sock\nport 6379\n")
-    assert adapter.default_url() == adapter.DEFAULT_URL
+    assert redis_connection.default_url() == redis_connection.DEFAULT_URL
+
+
+# ----------------------------------------------------------------------- fast release
+
+
+def connections_received(server) -> int:
+    client = server.client()
+    try:  # this probe's own connection is counted too: subtract it
+        return int(client.info("stats")["total_connections_received"]) - 1
+    finally:
+        client.close()
+
+
+@pytest.mark.server
+def test_the_release_is_written_on_the_connection_quiesce_kept(adapters, make_redis):
+    """quiesce keeps its connection for the release: the core writes the release on it
+    (``Hold.release.send()``, back to back for every target) and writers go at once; thaw
+    then only reads the replies. No connection is opened for the release."""
+    server = make_redis(persistence="aof")
+    target = target_for(server, unix=True)
+    _, _, hold = freeze(adapters, target)
+    assert hold.release is not None and not hold.session_bound
+    w = writer(server, "during")
+    assert w.blocked(), "a writer got through the pause"
+    before = connections_received(server)
+    hold.release.send()
+    assert w.done.wait(5) and w.error is None, "the written release did not free the writer"
+    facts = adapters.call("thaw", target, hold=hold)
+    assert facts["pause_left_ms"] > 0
+    assert connections_received(server) - 1 == before, "thaw connected anew"  # -1: the probe
+
+
+@pytest.mark.server
+def test_a_kept_connection_the_server_closed_is_replaced_for_the_release(adapters, make_redis):
+    """Redis's `timeout` (or a CLIENT KILL) may close the idle connection during the hold:
+    the release is then made on a new one, and thaw still reports the hold as it was."""
+    server = make_redis(persistence="aof")
+    target = target_for(server, unix=True)
+    _, _, hold = freeze(adapters, target)
+    admin = server.client()
+    try:
+        assert admin.client_kill_filter(_type="normal", skipme=True) == 1  # the kept one
+    finally:
+        admin.close()
+    import redis
+    try:  # as the core does: a failed write is for thaw to find out
+        hold.release.send()
+    except redis.ConnectionError:
+        pass
+    assert not writable(server), "killing the connection ended the pause"
+    facts = adapters.call("thaw", target, hold=hold)
+    assert facts["pause_left_ms"] > 0
+    assert writable(server)
