@@ -3,8 +3,9 @@ the holder's session, with bounded waits and the binary-log coordinates in the s
 
 Strategies (``strategy``; ``auto`` picks from ``VERSION()`` / ``@@version_comment``):
 
-backup_stage   MariaDB 10.4.1+. ``BACKUP STAGE START``, ``FLUSH``, ``BLOCK_DDL``,
-               ``BLOCK_COMMIT`` held; ``BACKUP STAGE END`` at thaw. Non-transactional
+backup_stage   MariaDB 10.4.1+. ``BACKUP STAGE START`` then ``BLOCK_COMMIT`` (which runs
+               the ``FLUSH`` and ``BLOCK_DDL`` stages on its way: MariaDB's sequence for
+               storage snapshots) held; ``BACKUP STAGE END`` at thaw. Non-transactional
                tables are flushed and closed, DDL and commits wait; running InnoDB
                statements and DDL do not hold it up. Coordinates are exact.
 instance_lock  MySQL 8.0+. ``LOCK INSTANCE FOR BACKUP`` (blocks DDL and file operations,
@@ -209,7 +210,10 @@ def _attempt(target: Target, s: Settings, conn, server: Server, plan: Plan,
             _wait_gone(conn, ids, time.monotonic() + s.lock_wait_timeout)
     started = time.monotonic()
     pymysql = driver()
-    for stmt in plan.lock:
+    for i, stmt in enumerate(plan.lock):
+        if i == plan.blocks_from:
+            target.lock_gate()  # prepared: the statement that blocks writers goes together
+            started = time.monotonic()
         try:
             query(conn, stmt)
         except pymysql.err.MySQLError as e:
@@ -267,11 +271,17 @@ def _acquire(target: Target, s: Settings, conn, server: Server, plan: Plan,
                       f"{reason}; nothing is held. {advice[0].upper()}{advice[1:]}")
 
 
-def _coordinates(conn, server: Server, plan: Plan, info: dict, s: Settings) -> dict[str, Any]:
+def _identity(conn) -> dict[str, Any]:
+    """Which server this is, for the coordinates file: read before the lock, not under it."""
+    hostname, server_id = query(conn, "SELECT @@hostname, @@server_id")[0]
+    return {"hostname": hostname, "server_id": int(server_id)}
+
+
+def _coordinates(conn, server: Server, plan: Plan, info: dict, s: Settings,
+                 identity: dict[str, Any]) -> dict[str, Any]:
+    """Under the lock: the binary log's position (and GTIDs) the snapshot corresponds to."""
     coords: dict[str, Any] = {
-        "server_version": info["version"], "flavour": server.flavour,
-        "hostname": query(conn, "SELECT @@hostname")[0][0],
-        "server_id": int(query(conn, "SELECT @@server_id")[0][0]),
+        "server_version": info["version"], "flavour": server.flavour, **identity,
         "strategy": plan.strategy, "exact": plan.exact,
         "taken_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
         "binlog": None, "gtid": None}
@@ -462,6 +472,7 @@ def quiesce(target: Target) -> Hold:
                                       statement_timeout=target.timeout,
                                       idle_deadline=idle_deadline):
             query(conn, stmt)
+        identity = _identity(conn)
         if s.stop_replica_sql_thread:
             status = _replica_status(conn, server)
             if status and str(status.get("sql_running", "")).lower() == "yes":
@@ -469,10 +480,9 @@ def quiesce(target: Target) -> Hold:
                 replica_start = replica_sql(server, "start")
                 query(conn, replica_sql(server, "stop"))
         try:
-            target.lock_gate()  # prepared: lock together with the other targets
             got = _acquire(target, s, conn, server, plan, info["thread_id"], info["account"])
             locked_at = time.time()
-            coords = _coordinates(conn, server, plan, info, s)
+            coords = _coordinates(conn, server, plan, info, s, identity)
             if path is not None:
                 try:
                     _write_coordinates(path, coords)
@@ -526,9 +536,12 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     if conn in _RELEASED:
         return None
     thread_id = facts.get("thread_id")
+    # The release first, so writers wait for nothing else; then whether it was still the
+    # holder's session. Plain queries: PyMySQL never reconnects here (and nothing here
+    # calls ping()), so on a lost session the release fails and the check says why.
+    released = _release(conn, facts.get("release_sql", ()), strict=True)
     broken: list[str] = []
     try:
-        # A plain query: PyMySQL never reconnects here (and nothing here calls ping()).
         now = query(conn, "SELECT CONNECTION_ID()")[0][0]
         if int(now) != thread_id:
             broken.append(f"the holder's session changed from {thread_id} to {now}: a reconnect "
@@ -537,8 +550,7 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
         broken.append(f"the holder's session {thread_id} was lost before thaw ({error_text(e)}); "
                       f"it was killed, the server restarted, or wait_timeout = "
                       f"{facts.get('server_deadline_s')} s passed, and its locks went with it")
-    if not broken:
-        broken += _release(conn, facts.get("release_sql", ()), strict=True)
+    broken = broken or released
     replica_problem = start_replica(None if broken else conn) if restart else None
     close(conn)
     _RELEASED.add(conn)

@@ -97,6 +97,10 @@ class Plan:
     precheck: str | None
     #: Which running statements to name (and kill, if allowed) when the lock timed out.
     suspects: str
+    #: The first statement of ``lock`` that makes writers wait: the lock gate sits right
+    #: before it, so the statements before it (which block no writer) are not on the path
+    #: of the locks taken together.
+    blocks_from: int = 0
 
     @property
     def ftwrl(self) -> bool:
@@ -109,12 +113,15 @@ def lock_plan(server: Server, strategy: str, *, ftwrl_too: bool = False) -> Plan
     # use"); MySQL's closes every table and waits for long SELECTs too.
     ftwrl_waits_for = "writes" if server.mariadb else "all"
     if strategy == "backup_stage":
-        # BLOCK_DDL waits only for statements writing to non-transactional tables (and a
-        # running ALTER is itself paused); long InnoDB writes do not hold it up, so no
-        # precheck: a refusal would be a false alarm. Bounded by lock_wait_timeout.
-        return Plan(strategy, ("BACKUP STAGE START", "BACKUP STAGE FLUSH", "BACKUP STAGE BLOCK_DDL",
-                               "BACKUP STAGE BLOCK_COMMIT"), ("BACKUP STAGE END",),
-                    coordinates_sql(server, True), True, None, "writes")
+        # MariaDB's own sequence for storage snapshots: START (blocks no writer: it is the
+        # stage a backup tool copies under for hours), then BLOCK_COMMIT, which runs the
+        # FLUSH and BLOCK_DDL stages on its way. BLOCK_DDL waits only for statements writing
+        # to non-transactional tables (and a running ALTER is itself paused); long InnoDB
+        # writes do not hold it up, so no precheck: a refusal would be a false alarm.
+        # Bounded by lock_wait_timeout.
+        return Plan(strategy, ("BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT"),
+                    ("BACKUP STAGE END",), coordinates_sql(server, True), True, None, "writes",
+                    blocks_from=1)
     if strategy == "instance_lock":
         lock: tuple[str, ...] = ("LOCK INSTANCE FOR BACKUP",)
         release: tuple[str, ...] = ("UNLOCK INSTANCE",)
@@ -122,7 +129,7 @@ def lock_plan(server: Server, strategy: str, *, ftwrl_too: bool = False) -> Plan
             lock += ("FLUSH TABLES WITH READ LOCK",)
             release = ("UNLOCK TABLES",) + release
             return Plan(strategy, lock, release, coordinates_sql(server, True), True,
-                        ftwrl_waits_for, ftwrl_waits_for)
+                        ftwrl_waits_for, ftwrl_waits_for, blocks_from=1)
         # LIFB waits only for running DDL, and only new DDL queues behind it.
         return Plan(strategy, lock, release, coordinates_sql(server, False), False, None, "ddl")
     if strategy == "ftwrl":

@@ -345,8 +345,7 @@ def test_check_reports_server_and_account(adapters, db, tmp_path):
     adapters.call("validate", target)
     facts = adapters.call("check", target)
     assert facts["strategy"] == "backup_stage"
-    assert facts["locks"] == ["BACKUP STAGE START", "BACKUP STAGE FLUSH", "BACKUP STAGE BLOCK_DDL",
-                              "BACKUP STAGE BLOCK_COMMIT"]
+    assert facts["locks"] == ["BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT"]
     assert facts["account"] == "qz@127.0.0.1"
     assert facts["read_only"] is False and facts["log_bin"] is True and facts["replica"] is False
     assert facts["version"].startswith("10.11")
@@ -406,14 +405,15 @@ def test_backup_stage_ignores_long_innodb_writes_but_bounds_a_myisam_one(adapter
     assert hold.facts["lock_seconds"] < 0.5
     adapters.call("thaw", target, hold=hold)
     inno.stop()
-    # A long write to a non-transactional table does: BLOCK_DDL waits for it, bounded.
+    # A long write to a non-transactional table does: the BLOCK_DDL stage (which BLOCK_COMMIT
+    # runs on its way) waits for it, bounded; InnoDB commits still go on meanwhile.
     q = long_query("UPDATE qmy.m SET v = v + SLEEP(60) WHERE id = 1")
     loop_inno, loop_myisam = WriteLoop(db, "qmy.t"), WriteLoop(db, "qmy.m2")
     with pytest.raises(TargetError) as e:
         adapters.call("quiesce", target)
     worst_inno, worst_myisam = loop_inno.finish(), loop_myisam.finish()
     message = str(e.value)
-    assert "after 2 attempt(s): BACKUP STAGE BLOCK_DDL timed out after lock_wait_timeout = 1 s" \
+    assert "after 2 attempt(s): BACKUP STAGE BLOCK_COMMIT timed out after lock_wait_timeout = 1 s" \
         in message
     assert f"behind query {q.id} by root" in message and "UPDATE qmy.m SET" in message
     assert worst_inno < 0.5, f"an InnoDB writer waited {worst_inno:.2f} s"
@@ -696,8 +696,7 @@ def test_auto_picks_the_lightest_consistent_lock():
 
 def test_lock_plans_issue_the_exact_sql():
     p = strategies.lock_plan(MARIA_10_11, "backup_stage")
-    assert p.lock == ("BACKUP STAGE START", "BACKUP STAGE FLUSH", "BACKUP STAGE BLOCK_DDL",
-                      "BACKUP STAGE BLOCK_COMMIT")
+    assert p.lock == ("BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT") and p.blocks_from == 1
     assert p.release == ("BACKUP STAGE END",) and p.exact and p.precheck is None
     assert p.coordinates == ("SHOW MASTER STATUS", "SELECT @@GLOBAL.gtid_binlog_pos")
     p = strategies.lock_plan(MARIA_10_11, "ftwrl")
@@ -854,8 +853,7 @@ def mysql_script(version, *, grants, tables=(), replica=False, thread_id=42):
         "SELECT CONCAT(TABLE_SCHEMA": (("t",), [(t,) for t in tables]),
         "SHOW GRANTS": (("g",), [(g,) for g in grants]),
         "SELECT ID, USER": (("i", "u", "h", "c", "s", "st", "in"), []),
-        "SELECT @@hostname": (("h",), [("db1",)]),
-        "SELECT @@server_id": (("s",), [(7,)]),
+        "SELECT @@hostname, @@server_id": (("h", "s"), [("db1", 7)]),
         "SELECT LOCAL FROM performance_schema.log_status": (("LOCAL",), [(json.dumps(
             {"gtid_executed": "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-77",
              "binary_log_file": "binlog.000003", "binary_log_position": 157}),)]),
@@ -903,6 +901,7 @@ def test_mysql_84_instance_lock_sql(adapters, scripted, tmp_path):
     del log[:]
     adapters.call("thaw", target, hold=hold)
     assert actions(log) == ["UNLOCK INSTANCE"]
+    assert log[0] == "UNLOCK INSTANCE", "writers waited for a check before the release"
     recorded = json.loads(path.read_text())
     assert recorded["binlog"] == {"file": "binlog.000003", "position": 157}
     assert recorded["gtid"] == {"gtid_executed": "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-77"}
