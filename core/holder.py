@@ -194,7 +194,8 @@ class Holder:
             # From here a thaw is on time: freeze returns as soon as it reads "ready", and
             # a thaw after that must never be called early (`quiesce exec` thaws at once).
             self.freeze_done.set()
-            self._send({"type": "ready", "report": self.status_report()})
+            self._send({"type": "ready", "report": self.status_report(),
+                        "outcomes": self.cycle.quiesced})
             self.cycle.arm()
         readable, _, _ = select.select([self.ack_fd], [], [], ACK_TIMEOUT)
         return bool(readable) and os.read(self.ack_fd, 16).startswith(b"ack")
@@ -495,11 +496,11 @@ def _follow(report_r: int, deadline: float, on_progress) -> tuple[dict | None, l
         *lines, pending = pending.split(b"\n")
         for line in lines:
             message = json.loads(line)
+            outcomes += message.get("outcomes", [])  # "ready" carries the last phase's
+            if on_progress and message.get("outcomes"):
+                on_progress(message["outcomes"])
             if message["type"] != "progress":
                 return message, outcomes
-            outcomes += message["outcomes"]
-            if on_progress:
-                on_progress(message["outcomes"])
 
 
 def _freeze_report(config: Config, pid: int, final: dict | None,

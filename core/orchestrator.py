@@ -75,6 +75,7 @@ class Cycle:
         self.deadline = math.inf  # monotonic: a clock step never stretches a hold
         self.report: Report | None = None
         self.armed: Release | None = None
+        self.quiesced: list[dict[str, Any]] = []  # the quiesce phase's outcomes
 
     def entry(self, name: str) -> runtime.TargetState:
         return next(t for t in self.state["targets"] if t["name"] == name)
@@ -92,10 +93,12 @@ class Cycle:
             if not targets or self.events.thaw_came() or self.events.freeze_gone():
                 return False
         results = self._quiesce(targets)
-        self.events.progress([o.as_dict() for o, _ in results])
-        if not self._survivors(targets, results) or self.events.thaw_came():
-            return False
-        return self._enough_left()
+        self.quiesced = [o.as_dict() for o, _ in results]
+        if self._survivors(targets, results) and not self.events.thaw_came() \
+                and self._enough_left():
+            return True  # the outcomes go out with "ready": one message less to wait for
+        self.events.progress(self.quiesced)
+        return False
 
     def _quiesce(self, targets: list[Target]) -> list[tuple[Outcome, Any]]:
         self.state["phase"] = "quiesce"
@@ -121,7 +124,8 @@ class Cycle:
             # sentinel or the next thaw must then release it
         self._start_clock(started, started_mono,
                           [(o, self.holds[o.target]) for o, _ in results if o.ok])
-        self.events.save()
+        # Saved by holding() or the release, whichever comes next, microseconds from now: a
+        # holder that dies in between left its targets "quiescing", which a thaw releases.
         return results
 
     def _survivors(self, targets: list[Target], results: list) -> list[Target]:
