@@ -134,19 +134,37 @@ def flush(target: Target) -> dict | None:
 def quiesce(target: Target) -> Hold:
     s = settings(target)
     conn = _connect(target, s, timeout=0)  # no busy handler: _begin_immediate retries itself
+    first: list[float] = []  # when the gate's attempt took the lock
+
+    def first_attempt() -> None:  # by the lock gate, back to back with the other targets'
+        if _try_begin(conn):
+            first.append(time.time())
+
     try:
-        target.lock_gate()  # opened: lock together with the other targets
-        attempts = _begin_immediate(conn, s.busy_timeout)
+        target.lock_gate(first_attempt)
+        attempts = None if first else _begin_immediate(conn, s.busy_timeout)
     except sqlite3.Error as e:
         conn.close()
         raise TargetError(f"cannot take the write lock on {s.path}: {e}") from e
     if attempts is not None:
         conn.close()
         raise TargetError(f"could not take the write lock on {s.path} within "
-                          f"{s.busy_timeout:g} s: it was busy at each of {attempts} "
+                          f"{s.busy_timeout:g} s: it was busy at each of {attempts + 1} "
                           f"attempts; {_who_holds(s.path)}. Raise "
                           f"busy_timeout, or retry")
-    return Hold(session=conn, locked_at=time.time())
+    return Hold(session=conn, locked_at=first[0] if first else time.time(),
+                release=_Rollback(conn))
+
+
+def _try_begin(conn: sqlite3.Connection) -> bool:
+    """One BEGIN IMMEDIATE: true if it took the lock, false if the lock was busy."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF != sqlite3.SQLITE_BUSY:
+            raise
+        return False
 
 
 def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> int | None:
@@ -155,16 +173,27 @@ def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> int | None:
     deadline = time.monotonic() + timeout
     attempts = 0
     while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        if _try_begin(conn):
             return None
-        except sqlite3.OperationalError as e:
-            if getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF != sqlite3.SQLITE_BUSY:
-                raise
-            attempts += 1
+        attempts += 1
         if time.monotonic() >= deadline:
             return attempts
         time.sleep(RETRY_INTERVAL)
+
+
+class _Rollback:
+    """The release (``Hold.release``): the core calls :meth:`send` for every target back to
+    back when thaw comes, and thaw calls it again (a no-op once it worked)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.was_held: bool | None = None  # whether the lock was still held at the release
+
+    def send(self) -> None:
+        if self.was_held is None:
+            self.was_held = self.conn.in_transaction
+        if self.was_held and self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
 
 @hookimpl
@@ -175,9 +204,10 @@ def thaw(target: Target, hold: Hold) -> None:
     hold.session = None  # released once: a second thaw is a no-op
     with _parked_lock:
         _parked.append(conn)  # never closed here: closing may write (see the module doc)
-    if not conn.in_transaction:
+    release = hold.release if isinstance(hold.release, _Rollback) else _Rollback(conn)
+    release.send()  # the core has done it already when the holder releases
+    if not release.was_held:
         raise HoldBroken(f"the write lock on {settings(target).path} was not held at thaw")
-    conn.execute("ROLLBACK")
 
 
 def _who_holds(path: str) -> str:

@@ -195,3 +195,21 @@ def test_busy_timeout_beyond_the_targets_timeout_is_refused(tmp_path):
     from quiesce import ConfigError
     with pytest.raises(ConfigError, match="busy_timeout: must be above 0 and at most"):
         target(tmp_path / "x.db", busy_timeout=30)
+
+
+def test_the_release_the_core_makes_frees_writers_and_thaw_still_judges_it(tmp_path, adapters):
+    """``Hold.release.send()`` (the core calls it for every target back to back) rolls back;
+    thaw then only reports: held to the end, or not."""
+    db = make_sqlite(tmp_path / "app.db")
+    t = target(db)
+    hold = adapters.call("quiesce", t)
+    assert not sqlite_writable(db)
+    hold.release.send()
+    assert sqlite_writable(db), "the release did not let writers go"
+    adapters.call("thaw", t, hold=hold)  # held to the end: no HoldBroken
+    # a lock lost before the release is reported, even when the core released first
+    hold = adapters.call("quiesce", t)
+    hold.session.execute("ROLLBACK")  # what a lost lock looks like from the holder
+    hold.release.send()
+    with pytest.raises(HoldBroken, match="was not held at thaw"):
+        adapters.call("thaw", t, hold=hold)
