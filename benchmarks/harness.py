@@ -42,6 +42,8 @@ HOLD_SLACK = 0.005
 SCRIPT_TIMEOUT = 900    # seconds: a script that runs longer is a harness failure
 #: One target's line in a freeze/thaw report: "  ok      name (kind) phase    1.2 ms".
 _OUTCOME = re.compile(r"^  \S+\s+\S+ \(\S+\)\s+(check|flush|quiesce|thaw)\s+([\d.]+) ms")
+#: The ISO-8601 time the generated scripts put in front of every line they log.
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)? ")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -162,6 +164,15 @@ class QuiesceSetup:
             return f"the holder (pid {pid}) was still running 15 s after thaw"
         return None
 
+    def marks(self) -> tuple[float, float]:
+        """The holder's first lock and its "ready", from its record (wall clock, kept with
+        microseconds), on time.monotonic()'s clock like every other time here."""
+        state = self.state()
+        offset = time.time() - time.monotonic()
+        first, ready = state.get("held_since"), state.get("frozen_at")
+        return (first - offset if isinstance(first, float) else math.nan,
+                ready - offset if isinstance(ready, float) else math.nan)
+
     def phase_medians(self, skip: int = 1) -> dict[str, float]:
         """Median time of each phase per cycle (the slowest target's, as they run
         concurrently), from the reports the scripts logged; the first *skip* are warm-up."""
@@ -173,6 +184,7 @@ class QuiesceSetup:
                 continue
             blocks: list[dict[str, float]] = []
             for line in text.splitlines():
+                line = _STAMP.sub("", line, count=1)
                 if line and not line[0].isspace():
                     blocks.append({})
                     continue
@@ -217,6 +229,9 @@ class BaselineSetup:
         self.env = script_env(extra_path)
         self.workdir = workdir
         self.last_output = ""
+
+    def marks(self) -> tuple[float, float]:
+        return math.nan, math.nan  # no holder: the shell's clients keep no record
 
     def _pids(self) -> list[int]:
         pids = []
@@ -264,6 +279,10 @@ class Cycle:
     post_rc: int | None = None
     problem: str | None = None
     warmup: bool = False
+    #: quiesce only, from the holder's record, on this clock: its first lock (the earliest
+    #: target's locked_at) and the moment it told freeze "ready" (state's frozen_at)
+    first_lock: float = math.nan
+    ready: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -309,6 +328,7 @@ def run_script(argv: list[str], env: dict, cwd: Path, log, timeout: float = SCRI
 def run_cycle(setup, step: float, log, *, warmup: bool = False) -> Cycle:
     pre_start, pre_end, pre_rc = run_script(setup.pre, setup.env, setup.workdir, log)
     cycle = Cycle(pre_start, pre_end, pre_rc=pre_rc, warmup=warmup)
+    cycle.first_lock, cycle.ready = setup.marks()
     time.sleep(max(0.0, step - (time.monotonic() - pre_end)))  # the snapshot step
     cycle.post_start, cycle.post_end, cycle.post_rc = run_script(setup.post, setup.env,
                                                                  setup.workdir, log)
@@ -330,6 +350,8 @@ class CycleFigures:
     commits_in_hold: int              # noted after pre-exit + HOLD_SLACK, before post-start
     commits_in_hold_strict: int       # noted after pre-exit, before post-start
     locked_before_exit: float | None  # the longest gap's start -> the pre-script's exit
+    lock_to_ready: float | None       # quiesce: the holder's first lock -> its "ready"
+    ready_to_exit: float | None       # quiesce: its "ready" -> the pre-script's exit
 
 
 def cycle_figures(c: Cycle, times: array, which: array, n: int, until: float) -> CycleFigures:
@@ -348,8 +370,11 @@ def cycle_figures(c: Cycle, times: array, which: array, n: int, until: float) ->
     until_post = bisect_left(times, c.post_start)
     in_hold = until_post - bisect_right(times, c.pre_end + HOLD_SLACK)
     strict = until_post - bisect_right(times, c.pre_end)
+    def span(a: float, b: float) -> float | None:
+        return b - a if math.isfinite(a) and math.isfinite(b) else None
     return CycleFigures(c.pre_end - c.pre_start, c.post_end - c.post_start, thaw, gap,
-                        max(0, in_hold), max(0, strict), lead)
+                        max(0, in_hold), max(0, strict), lead, span(c.first_lock, c.ready),
+                        span(c.ready, c.pre_end))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -389,6 +414,8 @@ class Figure:
     thaw_ms: dict | None = None
     hold_overhead_ms: dict | None = None
     locked_before_exit_ms: dict | None = None
+    lock_to_ready_ms: dict | None = None   # quiesce: the holder's first lock -> "ready"
+    ready_to_exit_ms: dict | None = None   # quiesce: "ready" -> the pre-script's exit
     max_gap_ms: dict | None = None
     commits_in_hold: dict | None = None
     phases_ms: dict | None = None
@@ -451,6 +478,8 @@ def summarise(fig: Figure, cycles: list[Cycle], times: array, which: array,
         fig.thaw_ms = stats_ms([f.thaw for f in figures])
         fig.hold_overhead_ms = stats_ms([f.max_gap - step for f in figures])
         fig.locked_before_exit_ms = stats_ms([f.locked_before_exit for f in figures])
+        fig.lock_to_ready_ms = stats_ms([f.lock_to_ready for f in figures])
+        fig.ready_to_exit_ms = stats_ms([f.ready_to_exit for f in figures])
         if not figures:
             fig.verdict = "no successful cycle"
         elif fig.held_cycles == len(figures):

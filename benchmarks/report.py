@@ -186,115 +186,20 @@ def faster(r: dict) -> list[tuple[str, str, int, float, float]]:
     return found
 
 
-def explanations(r: dict) -> list[str]:
-    """Why quiesce is slower where it is, and what would close each gap."""
-    st = r.get("startup_ms", {})
-
-    def cost(prefix: str) -> str:
-        for label, ms in st.items():
-            if label.startswith(prefix):
-                return f"{ms:.0f} ms"
-        return "?"
-
-    def med(kind, n, tool, metric, variant=None):
-        f = _fig(r, kind, n, tool, variant)
-        return _median(f.get(metric)) if f else None
-
-    big = max(r["settings"]["targets"])
-    sq = _fig(r, "sqlite", 1, "quiesce")
-    phases = (sq or {}).get("phases_ms") or {}
-    lead, base_lead = (med("sqlite", 1, t, "locked_before_exit_ms") for t in ("quiesce", "baseline"))
-    out = [
-        "**Freeze latency.** quiesce's pre-script starts a Python interpreter, imports click, "
-        f"pluggy and the adapters (`python -m quiesce --version` alone takes "
-        f"{cost('python -B -m quiesce')} here, importing the drivers {cost('import the drivers')}), "
-        "reads the config, forks the holder, runs every target's `check` (connect, version, "
-        "privileges) and `flush` (WAL checkpoint, CHECKPOINT, waiting for a save) and only "
-        "then takes the locks, and returns after the holder's handshake. The baseline starts "
-        f"one client binary per target (`sh -c :` costs {cost('sh -c')}) and sends one "
-        "statement. For PostgreSQL quiesce also runs a CHECKPOINT in `flush` (both modes) "
-        "before `pg_backup_start(fast => true)` runs its own (backup mode), where the baseline "
-        "runs only the latter. Almost all of quiesce's extra time passes *before* the lock, "
-        "while writers still run: the part they see is in the hold overhead. To close the "
-        "gap: load only the adapters the config names instead of every entry point; a "
-        "freeze entry point without click (as thaw.py already is); keep the drivers' imports "
-        "in the holder only.",
-        "",
-        "**Thaw latency.** The generated post-script first writes `thaw` with the shell's "
-        "`printf` into a FIFO the holder reads in its runtime directory (tmpfs; opened "
-        "read-write, so it never blocks), and the holder releases (ROLLBACK, BACKUP STAGE END, "
-        "CLIENT UNPAUSE) at once; only then does `python -I -S -B thaw.py` start, to collect "
-        "the report the holder keeps for it "
-        f"({cost('lean thaw client')} for the client with nothing to release, none of it "
-        "before the release). The baseline's post-script writes one line into each client's "
-        "FIFO the same way. What is left of the gap is the holder's wake-up and its thread "
-        "hand-off (the FIFO reader thread waits for the release lock, then calls the "
-        "adapter's thaw), about a millisecond or two. To close it further: release in the "
-        "FIFO reader's thread without the hand-off.",
-        "",
-        "**Hold overhead.** Writers are blocked from the moment a lock is taken until it is "
-        "released: (lock → pre-script exit) + the thaw latency. "
-        + (f"For one SQLite database the first part is {lead:.0f} ms for quiesce against "
-           f"{base_lead:.0f} ms for the baseline (table *Where the hold overhead goes*). "
-           if lead is not None and base_lead is not None else "")
-        + "Inside the holder the lock itself is quick (phase times below). `freeze` ends with "
-        "`os._exit()` right after printing its report, so the pre-script exits without the "
-        "interpreter's teardown (it used to cost 20–35 ms of every hold), and the holder "
-        "starts its stand-in watchdog before the check phase, not while a lock is held. The "
-        "baseline exits at its next 2 ms poll after the lock marker. What remains is the "
-        "freeze process reading the holder's report and writing its own, a few milliseconds."
-        + (" Phase times inside the holder for one SQLite database (median): "
-           + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()) + "." if phases else ""),
-    ]
-    if big > 1:
-        redis_q, redis_b = med("redis", big, "quiesce", "thaw_ms"), med("redis", big, "baseline", "thaw_ms")
-        maria = med("mariadb", big, "quiesce", "hold_overhead_ms")
-        maria_b = med("mariadb", big, "baseline", "hold_overhead_ms")
-        maria_f = med("mariadb", big, "quiesce", "freeze_ms")
-        out += [
-            "",
-            "**With more targets.** quiesce runs each phase for all targets at once (threads in "
-            "the holder) and takes the locks only after every target passed `check` and "
-            "`flush`, so its hold does not include the time to prepare the other targets; the "
-            "baseline connects every client first too, then sends the locks one after another "
-            "and waits for each marker in turn. What grows for quiesce:",
-            "",
-            "* *thaw*: the holder releases in reverse order, each target after the previous one "
-            "finished (or after 1 s at most), not all at once"
-            + (f"; a Redis release opens a new connection each time (the pause is kept by the "
-               f"server, so no session is held), which makes {big} Redis servers take "
-               f"{redis_q:.0f} ms against the baseline's {redis_b:.0f} ms"
-               if redis_q is not None and redis_b is not None else "")
-            + ". To close: keep the connection a server-kept hold was taken on and release "
-            "through it, and release targets that do not depend on each other concurrently.",
-            "* *freeze and hold on MariaDB*: a target's quiesce phase runs BACKUP STAGE START, "
-            "FLUSH, BLOCK_DDL and BLOCK_COMMIT, reads the binary-log coordinates and writes and "
-            "fsyncs the coordinates file; writers are blocked from BLOCK_COMMIT on. With N "
-            "servers these run in N PyMySQL threads (pure Python, one interpreter lock) on this "
-            "machine's CPUs, so the first server's BLOCK_COMMIT comes well before the last "
-            "one's, and its writers wait for all of them"
-            + (f": at {big} servers freeze takes {maria_f:.0f} ms and writers wait "
-               f"{maria:.0f} ms beyond the step (baseline: {maria_b:.0f} ms)"
-               if None not in (maria, maria_b, maria_f) else "")
-            + ". To close: run every target's non-blocking part first (the first three stages "
-            "let commits through) and issue the blocking statements together at the end — a "
-            "core change (a prepare step before quiesce, or a barrier the adapters wait on) — "
-            "and leave the coordinates file's fsync to the host's filesystem freeze, which "
-            "flushes it into the snapshot anyway.",
-        ]
-    return out
-
-
 def lead_table(r: dict) -> list[str]:
-    lines = ["| database | targets | contender | lock → pre-script exit | post-script start → "
-             "first commit (thaw) | hold overhead |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = ["| database | targets | contender | lock → pre-script exit | of which: holder's "
+             "first lock → \"ready\" | \"ready\" → pre-script exit | post-script start → "
+             "first commit (thaw) | hold overhead |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for kind in KIND_ORDER:
         for n in r["settings"]["targets"]:
             for f in (f for f in r["figures"] if f["kind"] == kind and f["targets"] == n
                       and f["blocks_writers"]):
+                split = [_cell(f.get(k)) if f.get(k) else "-"
+                         for k in ("lock_to_ready_ms", "ready_to_exit_ms")]
                 lines.append(f"| {KIND_LABEL[kind]} | {n} | {f['label']} | "
-                             f"{_cell(f.get('locked_before_exit_ms'))} | {_cell(f.get('thaw_ms'))} | "
-                             f"{_cell(f.get('hold_overhead_ms'))} |")
+                             f"{_cell(f.get('locked_before_exit_ms'))} | {' | '.join(split)} | "
+                             f"{_cell(f.get('thaw_ms'))} | {_cell(f.get('hold_overhead_ms'))} |")
     return lines
 
 
@@ -427,7 +332,9 @@ def render(r: dict) -> str:
     add("")
     add("* **quiesce**: the pre-/post-scripts generated by `quiesce install azure --root <tmp> "
         "--log-dir <tmp>`, with a config of N targets (defaults: `timeout = 10`, "
-        f"`max_hold = {st['max_hold_s']}`, runtime directory on tmpfs).")
+        f"`max_hold = {st['max_hold_s']}`, runtime directory on tmpfs). quiesce's modules are "
+        "byte-compiled first, as `pip install` leaves them (from a checkout, with "
+        "`PYTHONDONTWRITEBYTECODE` set, each run would otherwise compile them again).")
     add("* **baseline**: `benchmarks/baseline/<kind>.sh pre|post`, POSIX sh, the way the best "
         "public samples do it: one client per target kept connected on a FIFO whose write end "
         "a keeper process holds open, the lock statement sent at pre, a marker after it awaited "
@@ -495,7 +402,11 @@ def render(r: dict) -> str:
     add("### Where the hold overhead goes")
     add("")
     add("The longest gap starts at the writer's last commit before the lock and ends at its "
-        "first commit after the release: (lock → pre-script exit) + step + thaw latency.")
+        "first commit after the release: (lock → pre-script exit) + step + thaw latency. For "
+        "quiesce the holder's record splits the first part: from its first lock (the earliest "
+        "target's `locked_at`) to the moment it told freeze \"ready\" (what the adapters do "
+        "under the lock, then the state saved), and from \"ready\" to the pre-script's exit "
+        "(freeze reads the holder's report, prints its own, exits).")
     add("")
     L.extend(lead_table(r))
     add("")
@@ -580,7 +491,9 @@ def render(r: dict) -> str:
         for name, label, n, qm, bm in wins:
             add(f"* {name}, {label}, {n} target(s): {qm:.1f} ms against {bm:.1f} ms")
         add("")
-    L.extend(explanations(r))
+    import goals  # imports this module
+    L.extend(goals.section(r))
+    L.extend(goals.limits_table(r))
     add("")
     add("### What the parts cost on this machine (median ms)")
     add("")

@@ -43,6 +43,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 import breakdown  # noqa: E402
 import harness  # noqa: E402
 import kinds  # noqa: E402
+import limits  # noqa: E402
 import memory  # noqa: E402
 import plot  # noqa: E402
 import rehearsal  # noqa: E402
@@ -242,6 +243,11 @@ def extras(kind, args, work: Path, shm_root: Path, results: dict) -> None:
     """The holder's memory (1 and the most targets), where one target's freeze latency
     goes, and a whole host cycle per host (kinds whose quiesce blocks writers)."""
     runs = EXTRA_RUNS["quick" if args.quick else "full"]
+    if kind.name in ("sqlite", "redis", "mariadb"):
+        counts = sorted({1, 8, max(args.targets)} & set(range(1, max(args.targets) + 1)))
+        results["limits"].append(limits.measure(kind, counts, "quick" if args.quick else "full"))
+        print(f"  {kind.name:<10} one operation on each of N targets (ms): "
+              f"{results['limits'][-1]['by_targets']}", flush=True)
     for n in sorted({1, max(args.targets)}):
         m = memory.measure(kind, n, runs["memory"], work, shm_root)
         results["memory"].append(m)
@@ -267,6 +273,19 @@ def write_outputs(results: dict, out_dir: Path) -> None:
     results["plots"] = plot.draw(results, out_dir)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     (out_dir / "RESULTS.md").write_text(report.render(results))
+
+
+def compile_package() -> None:
+    """Byte-compile quiesce's modules, as pip does when it installs the wheel. From a
+    checkout (an editable install) with PYTHONDONTWRITEBYTECODE set, as on this machine,
+    every run would compile them anew: some 40 ms of each freeze that no installed quiesce
+    pays (the generated scripts run Python with -B, which writes no bytecode itself)."""
+    import compileall
+
+    import quiesce
+    import quiesce.adapters
+    for path in sorted({*quiesce.__path__, *quiesce.adapters.__path__}):
+        compileall.compile_dir(path, quiet=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                      "targets": args.targets, "warmup_cycles": 1,
                      "cycles": {str(n): cycles_for(args, n) for n in args.targets}},
         "startup_ms": {}, "figures": [], "stall": None, "sqlite_lock": None, "skipped": [], "errors": [],
-        "memory": [], "breakdown": [], "rehearsals": [], "plots": {},
+        "memory": [], "breakdown": [], "rehearsals": [], "limits": [], "plots": {},
     }
+    compile_package()
     results["startup_ms"] = startup_costs(3 if args.quick else 10)
     work = Path(tempfile.mkdtemp(prefix="quiesce-bench-"))
     shm_base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else work
