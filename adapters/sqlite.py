@@ -141,6 +141,14 @@ def quiesce(target: Target) -> Hold:
             first.append(time.time())
 
     try:
+        # A fresh connection's first statement reads the schema and maps the WAL index: do
+        # it now, not in the gate, where 32 of them took 2 ms instead of 0.2. (Busy, with a
+        # rollback journal's writer in the way: the gate's attempt reads it instead.)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e):
+                raise
         target.lock_gate(first_attempt)
         attempts = None if first else _begin_immediate(conn, s.busy_timeout)
     except sqlite3.Error as e:
@@ -162,9 +170,13 @@ def _try_begin(conn: sqlite3.Connection) -> bool:
         conn.execute("BEGIN IMMEDIATE")
         return True
     except sqlite3.OperationalError as e:
-        if getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF != sqlite3.SQLITE_BUSY:
+        if not _is_busy(e):
             raise
         return False
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    return getattr(error, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _begin_immediate(conn: sqlite3.Connection, timeout: float) -> int | None:

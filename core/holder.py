@@ -194,8 +194,13 @@ class Holder:
             # From here a thaw is on time: freeze returns as soon as it reads "ready", and
             # a thaw after that must never be called early (`quiesce exec` thaws at once).
             self.freeze_done.set()
-            self._send({"type": "ready", "report": self.status_report(),
-                        "outcomes": self.cycle.quiesced})
+            # only what freeze's report needs (report.frozen): the facts are in the outcomes
+            state = self.state
+            self._send({"type": "ready", "outcomes": self.cycle.quiesced, "report": {
+                "held_since": state["held_since"], "deadline": state["deadline"],
+                "not_held": state.get("not_held") or [],
+                "targets": [{"name": t["name"], "status": t["status"]}
+                            for t in state["targets"]]}})
             self.cycle.arm()
         readable, _, _ = select.select([self.ack_fd], [], [], ACK_TIMEOUT)
         return bool(readable) and os.read(self.ack_fd, 16).startswith(b"ack")

@@ -53,7 +53,7 @@ class LockGate:
         """*target* will not wait (its call ended); open the gate if it was the last."""
         with self._guard:
             self._waiting_for.discard(target.name)
-            if not self._waiting_for:
+            if not self._waiting_for and not self._open.is_set():
                 self._open_locked()
 
     def wait(self, target: Target, send: Callable[[], None] | None = None) -> bool:

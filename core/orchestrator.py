@@ -144,10 +144,17 @@ class Cycle:
     def _start_clock(self, started: float, started_mono: float,
                      held: list[tuple[Outcome, Hold]]) -> None:
         """max_hold runs from the first lock taken: the adapter's ``locked_at``, or else
-        the moment its quiesce returned (seconds after the phase started)."""
+        the earliest its quiesce can have returned (its duration after the phase started:
+        its thread may have started later, so this errs early, towards a shorter hold).
+
+        ``locked_at`` is wall-clock time: it is only kept within the phase's span, so a
+        clock step cannot stretch the hold. (Capping it by the call's own duration, as this
+        once did, moved it early by as much as the call's thread started late: some 10 ms
+        with 32 targets.)"""
         if not held:
             return
-        first = min(min(max(hold.locked_at - started, 0.0), o.duration)
+        span = time.monotonic() - started_mono
+        first = min(min(max(hold.locked_at - started, 0.0), span)
                     if hold.locked_at is not None else o.duration for o, hold in held)
         self.state["held_since"] = started + first
         self.state["deadline"] = started + first + self.config.max_hold

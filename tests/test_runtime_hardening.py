@@ -249,6 +249,24 @@ def test_max_hold_runs_from_the_first_lock_not_from_before_quiesce(tmp_path):
     assert freeze.report["deadline"] == pytest.approx(freeze.report["held_since"] + 30)
 
 
+def test_held_since_is_the_first_locked_at_even_when_its_thread_started_late():
+    """A call's thread can start well after the phase (32 of them take ~10 ms to start):
+    its duration, counted from its own start, is no bound on when its lock was taken."""
+    from quiesce import Hold
+    from quiesce.orchestrator import Cycle, Events
+    from quiesce.phases import Outcome
+
+    cycle = Cycle.__new__(Cycle)
+    cycle.config = type("C", (), {"max_hold": 30.0})()
+    cycle.state, cycle.events = {}, Events(progress=None, save=None, deadline=lambda d: None,
+                                          thaw_came=None)
+    started, started_mono = time.time() - 0.05, time.monotonic() - 0.05
+    late = Outcome("db", "sqlite", "quiesce", "ok", duration=0.012)  # its thread began late
+    cycle._start_clock(started, started_mono, [(late, Hold(locked_at=started + 0.030))])
+    assert cycle.state["held_since"] == pytest.approx(started + 0.030, abs=1e-6)
+    assert cycle.state["deadline"] == pytest.approx(started + 30.030, abs=1e-6)
+
+
 def test_freeze_fails_rather_than_promise_a_hold_with_almost_nothing_left(tmp_path):
     config = write_config(tmp_path, {"fast": recorder(tmp_path),
                                      "slow": recorder(tmp_path, sleep={"quiesce": 3})},
