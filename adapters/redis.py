@@ -227,11 +227,16 @@ def _settle(client, s: Settings, pause_deadline_ms: int, now_ms: int,
         # Acknowledged writes are normally write()n to the AOF before the reply; with
         # appendfsync everysec a write can be postponed while an fsync runs. Wait for the
         # buffer to drain so the file holds them all (the freeze makes them durable).
+        # The first reading came with the pause's own reply, from the same pass of Redis's
+        # event loop, before Redis writes the buffer out (it does so before it next
+        # sleeps): so read again at once, then back off to POLL.
+        pause = 0.0
         while p.get("aof_buffer_length", 0):
             if deadline.passed():
                 raise TargetError(f"the AOF buffer of Redis at {s.where} was not "
                                   f"written out within {deadline.seconds:g} s (slow disk?)")
-            time.sleep(POLL)
+            time.sleep(pause)
+            pause = min(POLL, max(0.001, pause * 4))
             p = read_info(client, "persistence")
         check_aof(p, s)
     return facts
