@@ -28,7 +28,9 @@ import json
 import math
 import os
 import platform
+import select
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -177,23 +179,57 @@ def machine() -> dict:
     }
 
 
+def exit_ms(code: str, env: dict, repeat: int) -> float:
+    """Median time from a Python process's last line (it prints the time, then calls
+    os._exit) until its exit is seen (pidfd): the kernel tearing the process down."""
+    times = []
+    for _ in range(repeat + 1):
+        proc = subprocess.Popen([sys.executable, "-B", "-c", code + "; import os, time; "
+                                 "print(time.time(), flush=True); os._exit(0)"],
+                                env=env, stdout=subprocess.PIPE)
+        fd = os.pidfd_open(proc.pid)
+        printed = float(proc.stdout.readline())
+        select.select([fd], [], [])
+        times.append(time.time() - printed)
+        os.close(fd)
+        proc.wait()
+    return statistics.median(times[1:]) * 1000
+
+
 def startup_costs(repeat: int) -> dict:
     """What the parts of a script cost here: the floor under freeze and thaw latency."""
     py = sys.executable
     thaw_py = str(ROOT / "core" / "thaw.py")
+    scratch = Path(tempfile.mkdtemp(prefix="quiesce-bench-costs-"))
+    (scratch / "run").mkdir(mode=0o700)
+    config = scratch / "quiesce.toml"  # a runtime dir where nothing was ever held
+    config.write_text(f'runtime_dir = "{scratch / "run"}"\n\n[targets.db]\nkind = "sqlite"\n'
+                      f'path = "{scratch / "db.sqlite"}"\n')
+    config.chmod(0o600)
     probes = {
         "sh -c : (a shell script's own start)": ["sh", "-c", ":"],
         "python -I -S -B -c pass (bare interpreter)": [py, "-I", "-S", "-B", "-c", "pass"],
         "python -I -S -B -c import json, socket (the lean client's first imports)":
             [py, "-I", "-S", "-B", "-c", "import json, socket"],
         "lean thaw client, nothing held (the post-script's python)":
-            [py, "-I", "-S", "-B", thaw_py, "--config", "/nonexistent/quiesce.toml"],
+            [py, "-I", "-S", "-B", thaw_py, "--config", str(config)],
         "python -B -m quiesce --version (CLI: click, pluggy)": [py, "-B", "-m", "quiesce", "--version"],
         "import the drivers (psycopg, pymysql, redis)":
             [py, "-B", "-c", "import psycopg, pymysql, redis"],
     }
     env = harness.script_env()
-    return {label: round(breakdown.wall_ms(argv, env, repeat), 1) for label, argv in probes.items()}
+    try:
+        costs = {label: round(breakdown.wall_ms(argv, env, repeat), 1)
+                 for label, argv in probes.items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    exits = {"a bare interpreter": "pass",
+             "quiesce's CLI and adapters loaded, as freeze has": "import quiesce.cli, "
+             "quiesce.holder, quiesce.plugins; quiesce.plugins.load_adapters()"}
+    for label, code in exits.items():
+        costs[f"a Python process's exit, seen by its parent: {label}"] = round(
+            exit_ms(code, env, repeat), 2)
+    return costs
 
 
 def finite(obj):
