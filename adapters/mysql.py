@@ -194,10 +194,21 @@ class _Busy(Exception):
     """One lock attempt failed for a reason worth retrying; nothing is held."""
 
 
+@dataclass
+class _Locked:
+    """What a lock attempt that worked returns."""
+
+    seconds: float                    # from writing the blocking statement to the last reply
+    locked_at: float                  # wall clock, at the blocking statement's reply
+    rows: list[list[dict[str, Any]]]  # each coordinates statement's rows, read under the lock
+
+
 def _attempt(target: Target, s: Settings, conn, server: Server, plan: Plan,
-             thread_id: int, account: str, killed: list[int]) -> float:
-    """One attempt: precheck, lock. Returns the seconds the lock took, or raises _Busy /
-    TargetError with nothing held. Appends the ids of statements it killed to *killed*."""
+             reads: tuple[str, ...], thread_id: int, account: str,
+             killed: list[int]) -> _Locked:
+    """One attempt: precheck, lock, and the coordinates statements *reads* under it; or
+    raises _Busy / TargetError with nothing held. Appends the ids of statements it killed
+    to *killed*."""
     if plan.precheck:
         blockers = _running(conn, server, plan.precheck, s.long_query_threshold)
         if blockers and not s.kill_long_queries:
@@ -208,13 +219,16 @@ def _attempt(target: Target, s: Settings, conn, server: Server, plan: Plan,
             ids = _kill_queries(conn, blockers, account)
             killed += ids
             _wait_gone(conn, ids, time.monotonic() + s.lock_wait_timeout)
-    started = time.monotonic()
+    started, locked_at, rows = time.monotonic(), time.time(), []
     pymysql = driver()
     for i, stmt in enumerate(plan.lock):
         try:
             if i == plan.blocks_from:
-                # prepared: the statement that blocks writers goes out with the others'
-                started = _lock_together(target, conn, stmt)
+                # prepared: the statement that blocks writers goes out with the others', and
+                # (when it is the last) with the coordinates reads
+                last = i == len(plan.lock) - 1
+                started, locked_at, rows = _lock_together(target, conn, stmt,
+                                                          reads if last else ())
             else:
                 query(conn, stmt)
         except pymysql.err.MySQLError as e:
@@ -242,38 +256,59 @@ def _attempt(target: Target, s: Settings, conn, server: Server, plan: Plan,
                 raise TargetError(f"{stmt} was refused: {error_text(e)}; run `quiesce check` for "
                                   f"the GRANT to run") from None
             raise TargetError(f"{stmt} failed: {error_text(e)}") from None
-    return time.monotonic() - started
+    if len(rows) < len(reads):  # the blocking statement was not the last: read them now
+        rows = [query_dicts(conn, read) for read in reads]
+    return _Locked(time.monotonic() - started, locked_at, rows)
 
 
-def _lock_together(target: Target, conn, stmt: str) -> float:
-    """Run *stmt* through the lock gate; returns when it was written (time.monotonic()).
+def _lock_together(target: Target, conn, stmt: str, reads: tuple[str, ...]
+                   ) -> tuple[float, float, list[list[dict[str, Any]]]]:
+    """Run *stmt*, then *reads*, through the lock gate: when *stmt* was written
+    (time.monotonic()), when its reply came (time.time()), and each read's rows.
 
     The thread that opens the gate writes every target's statement back to back, so all
-    servers get theirs within a millisecond: woken one after another, 32 threads would
+    servers get theirs within a millisecond (woken one after another, 32 threads would
     each need the interpreter lock first, and the last would write 10-20 ms after the
-    first. PyMySQL has no public call that writes a query without reading its reply:
-    ``_execute_command`` is the first half of its ``query()`` (unchanged since PyMySQL 0.x;
-    ``next_result()`` is the second). Without it the gate only lines the threads up.
+    first), then reads every reply in turn. On a session opened with multi-statements
+    (``connect(..., multi_statements=True)``) the reads go in the same packet, so each
+    server runs them right after its lock without another round trip. PyMySQL has no
+    public call that writes a query without reading its reply: ``_execute_command`` is
+    the first half of its ``query()`` (unchanged since PyMySQL 0.x; ``next_result()``,
+    which reads one result into ``_result``, is the second). Without it the gate only
+    lines the threads up.
     """
     write_query = getattr(conn, "_execute_command", None)
-    written: list[float] = []
     if write_query is None:
         target.lock_gate()
-        written.append(time.monotonic())
+        written = time.monotonic()
         query(conn, stmt)
-        return written[0]
+        return written, time.time(), [query_dicts(conn, read) for read in reads]
+    if not getattr(conn, "client_flag", 0) & driver().constants.CLIENT.MULTI_STATEMENTS:
+        reads = ()
+    written: list[float] = []
 
     def write() -> None:
         written.append(time.monotonic())
-        write_query(driver().constants.COMMAND.COM_QUERY, stmt)
+        write_query(driver().constants.COMMAND.COM_QUERY, ";".join((stmt, *reads)))
 
-    target.lock_gate(write)
-    conn.next_result()  # the reply: OK, or the statement's error raised here
-    return written[0]
+    def receive() -> tuple[float, list[list[dict[str, Any]]]]:
+        conn.next_result()  # the lock's reply: OK, or its error raised here (and the
+        replied = time.time()  # server runs none of the reads after an error)
+        rows = []
+        for _ in reads:
+            conn.next_result()
+            result = conn._result
+            names = [d[0] for d in result.description or ()]
+            rows.append([dict(zip(names, row)) for row in result.rows or ()])
+        return replied, rows
+
+    replied, rows = target.lock_gate(write, receive)
+    return written[0], replied, rows
 
 
 def _acquire(target: Target, s: Settings, conn, server: Server, plan: Plan,
-             thread_id: int, account: str) -> dict[str, Any]:
+             reads: tuple[str, ...], thread_id: int, account: str
+             ) -> tuple[dict[str, Any], _Locked]:
     """Attempts with pauses, within the call's budget less the timeout its connect took
     (3 × the target's timeout in all)."""
     deadline = time.monotonic() + target.call_budget - target.timeout
@@ -287,12 +322,12 @@ def _acquire(target: Target, s: Settings, conn, server: Server, plan: Plan,
                 break
             time.sleep(s.lock_retry_pause)
         try:
-            seconds = _attempt(target, s, conn, server, plan, thread_id, account, killed)
+            locked = _attempt(target, s, conn, server, plan, reads, thread_id, account, killed)
         except _Busy as e:
             reason = str(e)
             continue
-        return {"attempts": attempt, "lock_seconds": round(seconds, 3),
-                "killed_queries": killed}
+        return {"attempts": attempt, "lock_seconds": round(locked.seconds, 3),
+                "killed_queries": killed}, locked
     advice = ("wait for it to finish or kill it, or set kill_long_queries = true"
               if not s.kill_long_queries else "retry later")
     raise TargetError(f"could not quiesce with {plan.strategy} after {attempt} attempt(s): "
@@ -305,29 +340,37 @@ def _identity(conn) -> dict[str, Any]:
     return {"hostname": hostname, "server_id": int(server_id)}
 
 
-def _coordinates(conn, server: Server, plan: Plan, info: dict, s: Settings,
-                 identity: dict[str, Any]) -> dict[str, Any]:
-    """Under the lock: the binary log's position (and GTIDs) the snapshot corresponds to."""
+def _coordinates_reads(plan: Plan, info: dict) -> tuple[str, ...]:
+    """The plan's coordinates statements to run: the binary log's status only if it is on
+    (without it the account may lack the privilege the statement needs)."""
+    return tuple(stmt for stmt in plan.coordinates
+                 if info["log_bin"] or stmt.startswith("SELECT"))
+
+
+def _coordinates(conn, server: Server, plan: Plan, s: Settings, info: dict,
+                 identity: dict[str, Any], reads: tuple[str, ...],
+                 rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The binary log's position (and GTIDs) the snapshot corresponds to, from the *rows*
+    each of *reads* returned under the lock."""
     coords: dict[str, Any] = {
         "server_version": info["version"], "flavour": server.flavour, **identity,
         "strategy": plan.strategy, "exact": plan.exact,
         "taken_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
         "binlog": None, "gtid": None}
-    for stmt in plan.coordinates:
+    for stmt, result in zip(reads, rows):
+        first = next(iter(result[0].values())) if result else None
         if stmt.startswith("SELECT LOCAL"):
-            local = json.loads(query(conn, stmt)[0][0])
+            local = json.loads(first)
             if local.get("binary_log_file"):
                 coords["binlog"] = {"file": local["binary_log_file"],
                                     "position": int(local["binary_log_position"])}
             coords["gtid"] = {"gtid_executed": local.get("gtid_executed", "")}
         elif stmt.startswith("SELECT @@GLOBAL.gtid_binlog_pos"):
-            coords["gtid"] = {"gtid_binlog_pos": query(conn, stmt)[0][0] or ""}
-        elif info["log_bin"]:
-            rows = query_dicts(conn, stmt)
-            if rows:
-                coords["binlog"] = {"file": rows[0]["File"], "position": int(rows[0]["Position"])}
-                if "Executed_Gtid_Set" in rows[0]:
-                    coords["gtid"] = {"gtid_executed": rows[0]["Executed_Gtid_Set"] or ""}
+            coords["gtid"] = {"gtid_binlog_pos": first or ""}
+        elif result:
+            coords["binlog"] = {"file": result[0]["File"], "position": int(result[0]["Position"])}
+            if "Executed_Gtid_Set" in result[0]:
+                coords["gtid"] = {"gtid_executed": result[0]["Executed_Gtid_Set"] or ""}
     if s.stop_replica_sql_thread:
         coords["replica"] = _replica_status(conn, server)
     return coords
@@ -488,13 +531,14 @@ def flush(target: Target) -> dict[str, Any] | None:
 @_one_line
 def quiesce(target: Target) -> Hold:
     s = settings(target)
-    conn = connect(target, s)
+    conn = connect(target, s, multi_statements=True)  # the lock and its reads in one packet
     replica_start = None
     try:
         server, info = server_info(conn)
         plan = _make_plan(conn, server, s)
         _check_privileges(conn, server, plan, info, s)
         path = _coordinates_path(s, info)
+        reads = _coordinates_reads(plan, info)
         idle_deadline = math.ceil(target.max_hold + target.timeout)
         for stmt in session_setup_sql(server, lock_wait_timeout=s.lock_wait_timeout,
                                       statement_timeout=target.timeout,
@@ -508,9 +552,9 @@ def quiesce(target: Target) -> Hold:
                 replica_start = replica_sql(server, "start")
                 query(conn, replica_sql(server, "stop"))
         try:
-            got = _acquire(target, s, conn, server, plan, info["thread_id"], info["account"])
-            locked_at = time.time()
-            coords = _coordinates(conn, server, plan, info, s, identity)
+            got, locked = _acquire(target, s, conn, server, plan, reads, info["thread_id"],
+                                   info["account"])
+            coords = _coordinates(conn, server, plan, s, info, identity, reads, locked.rows)
             if path is not None:
                 try:
                     _write_coordinates(path, coords)
@@ -533,7 +577,7 @@ def quiesce(target: Target) -> Hold:
              "coordinates": coords, "coordinates_file": path,
              "replica_sql_thread_stopped": bool(replica_start),
              "replica_start_sql": replica_start, **got}
-    return Hold(session=conn, facts=facts, locked_at=locked_at)
+    return Hold(session=conn, facts=facts, locked_at=locked.locked_at)
 
 
 @hookimpl

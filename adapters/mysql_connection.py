@@ -140,13 +140,19 @@ def client_defaults(s: Settings) -> dict[str, Any]:
     return kw
 
 
-def connect(target: Target, s: Settings, *, read_timeout: float | None = None):
-    """A new session (never a reconnect: PyMySQL's query() does not reconnect)."""
+def connect(target: Target, s: Settings, *, read_timeout: float | None = None,
+            multi_statements: bool = False):
+    """A new session (never a reconnect: PyMySQL's query() does not reconnect).
+
+    *multi_statements* lets one packet carry several statements (quiesce's lock and the
+    coordinates reads under it); every statement this module sends is its own text."""
     pymysql = driver()
     kw: dict[str, Any] = dict(connect_timeout=target.timeout,
                               read_timeout=read_timeout or target.timeout,
                               write_timeout=target.timeout, autocommit=True, charset="utf8mb4",
                               program_name="quiesce")
+    if multi_statements:
+        kw["client_flag"] = pymysql.constants.CLIENT.MULTI_STATEMENTS
     if s.option_file:
         kw.update(read_default_file=s.option_file, read_default_group=s.option_group)
     else:

@@ -250,6 +250,7 @@ class _Pipeline:
         self.client, self.commands = client, commands
         self.packed = client.connection.pack_commands(commands)
         self.sent_at: float | None = None  # time.monotonic() just before the write
+        self.replied_at: float | None = None  # time.time() once the replies were read
         self.failed = False  # the write failed: redis-py has disconnected
 
     def send(self) -> None:
@@ -268,8 +269,10 @@ class _Pipeline:
         """Each command's reply, parsed as redis-py parses it; an error reply raises."""
         if self.sent_at is None:
             self.send()
-        return [self.client.parse_response(self.client.connection, command[0])
-                for command in self.commands]
+        replies = [self.client.parse_response(self.client.connection, command[0])
+                   for command in self.commands]
+        self.replied_at = time.time()
+        return replies
 
 
 #: thaw's round trip: whether the pause still held (Valkey 8 says; Redis 7.0 does not), the
@@ -307,23 +310,22 @@ def quiesce(target: Target) -> Hold | None:
         # above: this is the earliest it can be, so thaw errs towards reporting it broken.
         # Set before the write: from then on a failure (a timeout) may leave a pause.
         deadline_ms = server_ms(server) + ms
-        target.lock_gate(pause.send)  # written together with the other targets' locks
-        # ... and it ran after the write, at least this long after the INFO
-        before_ms = server_ms(server) + int(((pause.sent_at or read_at) - read_at) * 1000)
-        deadline_ms = before_ms + ms
-        try:
-            paused, persistence = pause.replies()
-            locked_at = time.time()
+        try:  # written together with the other targets' locks, and read in turn with them
+            paused, persistence = target.lock_gate(pause.send, pause.replies)
         except errors.ResponseError as e:
             deadline_ms = None  # refused: nothing is paused
             raise TargetError(f"CLIENT PAUSE {ms} WRITE failed on Redis at {s.where}: "
                               f"{e} (Redis 6.2 or later is needed; see mode = "
                               f"\"flush-only\")") from None
+        finally:  # ... and it ran after the write, at least this long after the INFO
+            before_ms = server_ms(server) + int(((pause.sent_at or read_at) - read_at) * 1000)
+            if deadline_ms is not None:
+                deadline_ms = before_ms + ms
         facts = {"pause_ms": ms, "pause_deadline": iso(deadline_ms),
                  "pause_deadline_ms": deadline_ms, "run_id": server.get("run_id")}
         facts.update(_settle(client, s, deadline_ms, before_ms, points, persistence))
         # the connection stays open for the release: thaw then costs no connect
-        hold = Hold(session=None, facts=facts, locked_at=locked_at,
+        hold = Hold(session=None, facts=facts, locked_at=pause.replied_at,
                     release=_Pipeline(client, *RELEASE))
         client = None
         return hold

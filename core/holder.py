@@ -201,7 +201,6 @@ class Holder:
                 "not_held": state.get("not_held") or [],
                 "targets": [{"name": t["name"], "status": t["status"]}
                             for t in state["targets"]]}})
-            self.cycle.arm()
         readable, _, _ = select.select([self.ack_fd], [], [], ACK_TIMEOUT)
         return bool(readable) and os.read(self.ack_fd, 16).startswith(b"ack")
 

@@ -107,6 +107,8 @@ class Cycle:
         self.events.save()
         # the latest the deadline can be, until the first lock tells the real one
         self.events.deadline(time.time() + step_limit(targets) + self.config.max_hold)
+        # The release threads start now, before any lock: a hold never pays for them.
+        self.armed = Release(self.adapters, list(reversed(targets)))
         started, started_mono = time.time(), time.monotonic()
         # prepare every target, then lock them together (lockgate.py)
         with LockGate(targets).attached(targets) as gate:
@@ -173,19 +175,9 @@ class Cycle:
         return False
 
     def holding(self) -> None:
-        """Record that the hold is promised: freeze is told "ready" next, then :meth:`arm`."""
+        """Record that the hold is promised: freeze is told "ready" next."""
         self.state.update(phase=runtime.HOLDING, frozen_at=time.time(), not_held=self.failed)
         self.events.save()
-
-    def arm(self) -> None:
-        """Start the release threads: after "ready" went out, so writers never wait for it."""
-        if self.armed is None and self.report is None:
-            self.armed = self._arm()
-
-    def _arm(self) -> Release:
-        """Release threads for every held target, waiting for one wake-up."""
-        held = [t for t in reversed(self.config.targets) if t.name in self.holds]
-        return Release(self.adapters, held, {t.name: self.holds[t.name] for t in held})
 
     # -- release -----------------------------------------------------------------
 
@@ -223,8 +215,9 @@ class Cycle:
 
     def _thaw_all(self, reason: str | None) -> list[Outcome]:
         """Release every held target at once; outcomes in reverse config order."""
-        release = self.armed or self._arm()  # not armed: freeze failed or was cancelled
-        outcomes = release.fire(reason)
+        # not armed: freeze ended before the quiesce phase, so nothing is held
+        release = self.armed or Release(self.adapters, [])
+        outcomes = release.fire(self.holds, reason)
         self.holds.clear()
         for outcome in outcomes:
             self.entry(outcome.target)["status"] = after_thaw(outcome)
@@ -239,54 +232,60 @@ class Cycle:
 
 
 class Release:
-    """Release threads armed during the hold: one wake-up releases every target at once.
+    """Release threads armed before the locks: one wake-up releases every target at once.
 
-    Each held target gets a thread, started as soon as "ready" went out, that waits on one
-    event and then calls its adapter's ``thaw``. So the release pays no thread start and
-    no target waits for another's release (the old order, each one after the previous, made
-    the last target wait for every other). A hold with a prepared release
-    (``Hold.release``) has its releasing statement written first, from the firing thread,
-    back to back with the others': the writers of every target go within microseconds of
-    each other, before any thread has even woken. Outcomes are still listed in reverse
-    config order. A release that overruns its hard limit is reported as failed and
-    abandoned.
+    Each target of the quiesce phase gets a thread, started before any lock is taken, that
+    waits on one event and then, if its target is held, calls its adapter's ``thaw``. So
+    neither the hold nor the release pays for a thread start, and no target waits for
+    another's release (the old order, each one after the previous, made the last target
+    wait for every other). A hold with a prepared release (``Hold.release``) has its
+    releasing statement written first, from the firing thread, back to back with the
+    others': the writers of every target go within microseconds of each other, before any
+    thread has even woken. Outcomes are listed in reverse config order. A release that
+    overruns its hard limit is reported as failed and abandoned.
     """
 
-    def __init__(self, adapters: Adapters, targets: list[Target], holds: dict[str, Hold]):
-        self.adapters, self.targets = adapters, targets
-        self.prepared = [holds[t.name].release for t in targets
-                         if holds[t.name].release is not None]
+    def __init__(self, adapters: Adapters, targets: list[Target]):
+        self.adapters, self.targets = adapters, targets  # reverse config order
         self.go = threading.Event()
+        self.holds: dict[str, Hold] = {}
         self.reason: str | None = None
         self.results: dict[str, Outcome] = {}
-        self.threads = [threading.Thread(target=self._release, args=(t, holds[t.name]),
-                                         name=f"thaw-{t.name}", daemon=True) for t in targets]
-        for thread in self.threads:
+        self.threads = {t.name: threading.Thread(target=self._release, args=(t,),
+                                                 name=f"thaw-{t.name}", daemon=True)
+                        for t in targets}
+        for thread in self.threads.values():
             thread.start()
 
     def judge(self, outcome: Outcome) -> None:  # before it is logged: log and report agree
         if self.reason and outcome.status == "ok":
             outcome.status, outcome.error = "broken", self.reason
 
-    def _release(self, target: Target, hold: Hold) -> None:
+    def _release(self, target: Target) -> None:
         self.go.wait()
-        self.results[target.name], _ = call(self.adapters, "thaw", target, judge=self.judge,
-                                            hold=hold)
+        hold = self.holds.get(target.name)
+        if hold is not None:
+            self.results[target.name], _ = call(self.adapters, "thaw", target,
+                                                judge=self.judge, hold=hold)
 
-    def fire(self, reason: str | None) -> list[Outcome]:
-        """Release every target now; their outcomes, in reverse config order."""
-        self.reason = reason
+    def fire(self, holds: dict[str, Hold], reason: str | None) -> list[Outcome]:
+        """Release every held target now; their outcomes, in reverse config order."""
+        self.holds, self.reason = dict(holds), reason
         fired = time.monotonic()
-        for release in self.prepared:
-            try:
-                release.send()
-            except Exception:  # its thaw hook finds out and reports it
-                log.debug("a prepared release failed to send", exc_info=True)
+        for target in self.targets:
+            release = self.holds[target.name].release if target.name in self.holds else None
+            if release is not None:
+                try:
+                    release.send()
+                except Exception:  # its thaw hook finds out and reports it
+                    log.debug("a prepared release failed to send", exc_info=True)
         self.go.set()
         outcomes = []
-        for target, thread in zip(self.targets, self.threads):
+        for target in self.targets:
+            if target.name not in self.holds:
+                continue
             limit = hard_limit(target)
-            thread.join(timeout=max(0.0, fired + limit - time.monotonic()))
+            self.threads[target.name].join(timeout=max(0.0, fired + limit - time.monotonic()))
             outcome = self.results.get(target.name) or Outcome(
                 target.name, target.kind, "thaw", "failed", limit, abandoned=True,
                 error=f"thaw did not return within {limit:g} s; abandoned")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait
 from dataclasses import asdict, dataclass
@@ -117,10 +118,20 @@ def run_phase(adapters: Adapters, hook: str, targets: list[Target], *,
             if finished is not None:
                 finished(target)
 
-    pool = ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix=hook)
+    def run(future: Future, target: Target, extra: dict[str, Any]) -> None:
+        try:
+            future.set_result(one(target, extra))
+        except BaseException as e:  # call() never raises; a KeyboardInterrupt might
+            future.set_exception(e)
+
+    # A thread per call that ends with it: a pool's idle workers would wake to exit only
+    # when it is shut down, on the way from the locks to "ready".
     submitted = []
     for target in targets:
-        future = pool.submit(one, target, kwargs_for(target) if kwargs_for else {})
+        future: Future = Future()
+        threading.Thread(target=run, args=(future, target,
+                                           kwargs_for(target) if kwargs_for else {}),
+                         name=f"{hook}-{target.name}", daemon=True).start()
         submitted.append((target, future, time.monotonic()))
     # One wake-up when the last call ends (or the first hard limit passes), not one per
     # call: each wake-up of this thread would queue for the interpreter lock behind the
@@ -137,5 +148,4 @@ def run_phase(adapters: Adapters, hook: str, targets: list[Target], *,
             results.append((Outcome(target.name, target.kind, hook, "failed", limit,
                                     error=f"{hook} did not return within {limit:g} s; "
                                           f"abandoned", abandoned=True), None))
-    pool.shutdown(wait=False)
     return results

@@ -92,21 +92,26 @@ class Target:
         calls them all concurrently may take."""
         return max((t.call_limit for t in targets), default=0.0)
 
-    def lock_gate(self, send: Callable[[], None] | None = None) -> None:
+    def lock_gate(self, send: Callable[[], None] | None = None,
+                  receive: Callable[[], Any] | None = None) -> Any:
         """Call in ``quiesce`` right before the lock statement, once the session is
         prepared (connected, checked, session variables set): it returns when every
         target of the phase is prepared too (at most ``timeout`` later), so all locks are
         taken at the same moment and no writer waits for another target's preparation.
 
-        *send*, if given, only writes the lock statement (the adapter reads the reply after
-        ``lock_gate`` returns): the gate calls every target's *send* back to back from one
-        thread, the tightest "together" there is. What *send* raised, ``lock_gate`` raises.
-        Outside a quiesce phase it returns at once (after calling *send*)."""
+        *send*, if given, only writes the lock statement: the gate calls every target's
+        *send* back to back from one thread, the tightest "together" there is. *receive*,
+        if given, reads its reply (bounded by the driver's timeout): the same thread calls
+        every target's *receive* in turn, and ``lock_gate`` returns what it returned.
+        Without *receive* the adapter reads its reply after ``lock_gate`` returns. What
+        *send* or *receive* raised, ``lock_gate`` raises. Outside a quiesce phase it
+        returns at once (after calling *send* and *receive*)."""
         gate = self._gate
         if gate is not None:
-            gate.wait(self, send)
-        elif send is not None:
+            return gate.wait(self, send, receive)[1]
+        if send is not None:
             send()
+        return receive() if receive is not None else None
 
     def key(self, key: str) -> str:
         return f"targets.{self.name}.{key}"

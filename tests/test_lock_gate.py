@@ -151,7 +151,56 @@ def test_a_target_that_reaches_an_opened_gate_writes_its_own_lock():
     fast, slow = (quiesce.Target(n, "x", {}, timeout=0.2) for n in ("fast", "slow"))
     gate = LockGate([fast, slow])
     written = []
-    assert gate.wait(fast, lambda: written.append("fast")) is False  # slow never came: timeout
+    prepared, reply = gate.wait(fast, lambda: written.append("fast"), lambda: "fast's reply")
+    assert (prepared, reply) == (False, "fast's reply")  # slow never came: timeout
     assert written == ["fast"]
-    assert gate.wait(slow, lambda: written.append("slow")) is False  # late: alone, at once
+    prepared, reply = gate.wait(slow, lambda: written.append("slow"), lambda: "slow's reply")
+    assert (prepared, reply) == (False, "slow's reply")  # late: alone, at once
     assert written == ["fast", "slow"]
+
+
+def test_the_gate_reads_every_reply_in_turn_after_every_write():
+    """With a receive too (MySQL, Redis), the opening thread writes every lock, then reads
+    every reply in turn, then wakes the waiters: each gets its own reply, or its own error."""
+    import threading
+
+    import quiesce
+    from quiesce.lockgate import LockGate
+
+    targets = [quiesce.Target(f"t{i}", "x", {}, timeout=10) for i in range(6)]
+    gate = LockGate(targets)
+    events: list[tuple[str, str, int]] = []
+    got: dict[str, object] = {}
+
+    def send_and_receive(name):
+        def send():
+            events.append(("write", name, threading.get_ident()))
+
+        def receive():
+            events.append(("read", name, threading.get_ident()))
+            if name == "t2":
+                raise TimeoutError("no reply within the read timeout")
+            return f"{name}: OK"
+        return send, receive
+
+    def prepare_and_lock(target, delay):
+        time.sleep(delay)
+        try:
+            got[target.name] = gate.wait(target, *send_and_receive(target.name))[1]
+        except TimeoutError as e:
+            got[target.name] = f"error: {e}"
+        events.append(("woke", target.name, threading.get_ident()))
+
+    threads = [threading.Thread(target=prepare_and_lock, args=(t, 0.02 * i))
+               for i, t in enumerate(targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    n = len(targets)
+    assert [e[0] for e in events[:2 * n]] == ["write"] * n + ["read"] * n, \
+        "a reply was read before every lock was written, or a waiter woke before every read"
+    assert len({thread for _, _, thread in events[:2 * n]}) == 1, "several threads did it"
+    assert [e[1] for e in events[n:2 * n]] == [e[1] for e in events[:n]], "not read in turn"
+    assert got.pop("t2") == "error: no reply within the read timeout"
+    assert got == {t.name: f"{t.name}: OK" for t in targets if t.name != "t2"}

@@ -216,10 +216,20 @@ def master_status(server):
 
 @pytest.mark.server
 @pytest.mark.parametrize("strategy", ["backup_stage", "ftwrl"])
-def test_hold_blocks_writers_until_thaw_and_records_coordinates(adapters, db, tmp_path, strategy):
+def test_hold_blocks_writers_until_thaw_and_records_coordinates(adapters, db, tmp_path, strategy,
+                                                                monkeypatch):
+    import pymysql
+    sent: list[str] = []  # every statement packet the adapter wrote, to the real server
+    write = pymysql.connections.Connection._execute_command
+    monkeypatch.setattr(pymysql.connections.Connection, "_execute_command",
+                        lambda conn, command, sql: (sent.append(sql), write(conn, command, sql)))
     target = target_for(db, tmp_path, strategy=strategy)
     facts, hold = freeze(adapters, target)
     try:
+        # the lock and the coordinates reads went in one packet: no round trip between them
+        blocking = "BACKUP STAGE BLOCK_COMMIT" if strategy == "backup_stage" \
+            else "FLUSH TABLES WITH READ LOCK"
+        assert f"{blocking};SHOW MASTER STATUS;SELECT @@GLOBAL.gtid_binlog_pos" in sent
         assert facts["flavour"] == "mariadb" and facts["strategy"] == strategy
         assert hold.facts["strategy"] == strategy and hold.session is not None
         innodb, myisam = Writer(db, "qmy.t"), Writer(db, "qmy.m2")
@@ -514,14 +524,15 @@ def test_client_read_timeout_kills_our_own_queued_lock_request(db, tmp_path, lon
     long_query("UPDATE qmy.t SET v = v + SLEEP(60) WHERE id = 1")
     target = target_for(db, tmp_path, strategy="ftwrl", long_query_threshold=30, timeout=3)
     s = my.settings(target)
-    conn = my.connect(target, s, read_timeout=1)
+    conn = my.connect(target, s, read_timeout=1, multi_statements=True)  # as quiesce's
     try:
         server, info = my.server_info(conn)
         my.query(conn, "SET SESSION lock_wait_timeout = 60")  # the server would wait a minute
         plan = strategies.lock_plan(server, "ftwrl")
         loop = WriteLoop(db)
         with pytest.raises(TargetError) as e:
-            my._attempt(target, s, conn, server, plan, info["thread_id"], info["account"], [])
+            my._attempt(target, s, conn, server, plan, my._coordinates_reads(plan, info),
+                        info["thread_id"], info["account"], [])
         # Gone now, not when the server next notices the dropped socket (up to a second).
         queued = db.sql("SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE "
                         "'FLUSH TABLES WITH READ LOCK%%' AND COMMAND <> 'Killed'")
