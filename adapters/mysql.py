@@ -166,13 +166,44 @@ def _release(conn, statements, *, strict: bool = False) -> list[str]:
         try:
             query(conn, stmt)
         except Exception as e:
-            if not strict:
-                continue
-            if error_code(e) == ER_BACKUP_NOT_RUNNING:
-                problems.append(f"{stmt}: no backup stage was active (the lock had been lost)")
-            else:
-                problems.append(f"{stmt} failed: {error_text(e)}")
+            if strict:
+                problems.append(_release_problem(stmt, e))
     return problems
+
+
+def _release_problem(stmt: str, error: Exception) -> str:
+    if error_code(error) == ER_BACKUP_NOT_RUNNING:
+        return f"{stmt}: no backup stage was active (the lock had been lost)"
+    return f"{stmt} failed: {error_text(error)}"
+
+
+class _PreparedRelease:
+    """The release statement, written by the core as soon as thaw comes (``Hold.release``:
+    back to back with the other targets' releases, before any thaw thread wakes); thaw
+    then reads its reply. Only for a single statement, on a session that can write a query
+    without reading its reply (see _lock_together)."""
+
+    def __init__(self, conn, stmt: str):
+        self.conn, self.stmt, self.sent = conn, stmt, False
+
+    @classmethod
+    def of(cls, conn, statements: tuple[str, ...]) -> "_PreparedRelease | None":
+        usable = len(statements) == 1 and hasattr(conn, "_execute_command")
+        return cls(conn, statements[0]) if usable else None
+
+    def send(self) -> None:
+        self.conn._execute_command(driver().constants.COMMAND.COM_QUERY, self.stmt)
+        self.sent = True
+
+    def problems(self) -> list[str]:
+        """Finish the release: read the reply (or, if it was never written, run it)."""
+        if not self.sent:
+            return _release(self.conn, (self.stmt,), strict=True)
+        try:
+            self.conn.next_result()
+            return []
+        except Exception as e:
+            return [_release_problem(self.stmt, e)]
 
 
 def _kill_session(target: Target, s: Settings, thread_id: int) -> None:
@@ -577,7 +608,8 @@ def quiesce(target: Target) -> Hold:
              "coordinates": coords, "coordinates_file": path,
              "replica_sql_thread_stopped": bool(replica_start),
              "replica_start_sql": replica_start, **got}
-    return Hold(session=conn, facts=facts, locked_at=locked.locked_at)
+    return Hold(session=conn, facts=facts, locked_at=locked.locked_at,
+                release=_PreparedRelease.of(conn, plan.release))
 
 
 @hookimpl
@@ -611,7 +643,9 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     # The release first, so writers wait for nothing else; then whether it was still the
     # holder's session. Plain queries: PyMySQL never reconnects here (and nothing here
     # calls ping()), so on a lost session the release fails and the check says why.
-    released = _release(conn, facts.get("release_sql", ()), strict=True)
+    prepared = hold.release
+    released = prepared.problems() if isinstance(prepared, _PreparedRelease) \
+        else _release(conn, facts.get("release_sql", ()), strict=True)
     broken: list[str] = []
     try:
         now = query(conn, "SELECT CONNECTION_ID()")[0][0]

@@ -74,15 +74,18 @@ def _hold_miss(r: dict, kind: str, n: int) -> str:
             f"{_ms(base_thaw)}.")
     lim = _limit(r, kind, n)
     if n > 1 and lim:
-        text += (f" Once the lock statements have gone out together, each target's hook thread "
-                 f"must wake to read its reply and finish, and the phase ends with the last: on "
+        reads = ("the gate's thread reads every reply in turn, then " if kind != "sqlite"
+                 else "")
+        text += (f" Once the lock statements have gone out together, {reads}each target's "
+                 f"hook thread must wake to finish, and the phase ends with the last: on "
                  f"this machine, waking {n} threads for one {_OPERATION[kind]} each takes "
                  f"{lim['threads']:.1f} ms, the same {n} from one thread {lim['in_turn']:.1f} ms"
                  + (f" ({lim['together']:.1f} ms written together)" if "together" in lim else "")
                  + " (*What the interpreter allows*). That queue for CPython's one interpreter "
                  "lock and the two CPUs, which the writer and the servers share, is the "
-                 "limit: the hooks run one thread per target, so the holder pays it once "
-                 "between the locks and \"ready\".")
+                 "limit: the hooks run one thread per target (a hook may block for its "
+                 "target's timeout, and no target may wait on another's call), so the holder "
+                 "pays one wake-up per target between the locks and \"ready\".")
     elif n == 1:
         costs = r.get("startup_ms") or {}
         bare = next((v for k, v in costs.items() if k.endswith("a bare interpreter")), None)
@@ -99,7 +102,18 @@ def _hold_miss(r: dict, kind: str, n: int) -> str:
                      f"for a bare interpreter (*What the parts cost*); and on two CPUs that "
                      f"the writer and the server keep busy, each wake-up on the way waits "
                      f"for a CPU.")
-    return text
+    return text + _coordinates_cost(r, kind, n)
+
+
+def _coordinates_cost(r: dict, kind: str, n: int) -> str:
+    costs = r.get("startup_ms") or {}
+    cost = next((v for k, v in costs.items() if k.startswith("MariaDB's coordinates file")
+                 and k.endswith(f"{n} at once, from {n} thread(s)")), None)
+    if kind != "mariadb" or cost is None:
+        return ""
+    return (f" MariaDB also writes its binary-log coordinates durably under the lock (the "
+            f"snapshot must carry them; the baseline records none): {n} such file(s) at once "
+            f"take {cost:.1f} ms here (*What the parts cost*).")
 
 
 _OPERATION = {"sqlite": "BEGIN IMMEDIATE + ROLLBACK", "redis": "PING round trip",

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -229,7 +230,42 @@ def startup_costs(repeat: int) -> dict:
     for label, code in exits.items():
         costs[f"a Python process's exit, seen by its parent: {label}"] = round(
             exit_ms(code, env, repeat), 2)
+    for n in (1, 32):
+        costs[f"{COORDINATES_COST} {n} at once, from {n} thread(s)"] = round(
+            coordinates_ms(n, repeat), 2)
     return costs
+
+
+#: The label of the coordinates file's cost in startup_ms (goals.py quotes it).
+COORDINATES_COST = "MariaDB's coordinates file, written as quiesce writes it under the lock " \
+                   "(write, fsync, rename, directory fsync), in a temporary directory:"
+
+
+def coordinates_ms(n: int, repeat: int) -> float:
+    """Median ms until *n* threads have each written a coordinates file (one directory each,
+    as N servers' data directories), with the adapter's own function."""
+    from quiesce.adapters.mysql import _write_coordinates
+    scratch = Path(tempfile.mkdtemp(prefix="quiesce-bench-fsync-"))
+    paths = [scratch / f"datadir{i}" / "quiesce-coordinates.json" for i in range(n)]
+    coords = {"binlog": {"file": "mysql-bin.000001", "position": 4}, "gtid": None}
+    try:
+        for path in paths:
+            path.parent.mkdir()
+        times = []
+        for _ in range(repeat):
+            go = threading.Event()
+            threads = [threading.Thread(target=lambda p=p: (go.wait(), _write_coordinates(str(p), coords)))
+                       for p in paths]
+            for thread in threads:
+                thread.start()
+            started = time.perf_counter()
+            go.set()
+            for thread in threads:
+                thread.join()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def finite(obj):

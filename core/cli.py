@@ -12,7 +12,8 @@ import time
 import click
 
 from . import cli_hosts, publish, report as reports, runtime
-from .cli_base import Context, command, emit, emit_result, error_object, json_option
+from .cli_base import (Context, command, emit, emit_result, error_object, json_option,
+                       stamp_option, stamp_output)
 from .errors import QuiesceError
 
 __all__ = ["cli", "main", "command", "emit_result", "json_option"]
@@ -137,9 +138,10 @@ def check(obj: Context, as_json: bool) -> None:
 
 @cli.command()
 @json_option
+@stamp_option
 @click.pass_obj
 @command
-def freeze(obj: Context, as_json: bool) -> None:
+def freeze(obj: Context, as_json: bool, stamp: bool) -> None:
     """Check, flush and quiesce every target; hold them until thaw.
 
     Returns once every target is quiesced and held by a detached holder process. When
@@ -149,6 +151,8 @@ def freeze(obj: Context, as_json: bool) -> None:
     """
     from .holder import prepare_runtime_dir, start, take_lock
     started, started_at = time.monotonic(), time.time()
+    if stamp:
+        stamp_output()
     # The lock first, before adapters load: a thaw that comes meanwhile sees a freeze
     # is starting, leaves a note, and this freeze releases everything when it sees it.
     runtime_dir = runtime.runtime_dir_of(obj.config_path)

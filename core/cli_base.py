@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import traceback
+from datetime import datetime
 
 import click
 
@@ -95,6 +96,40 @@ def fail(ctx: Context | None, message: str, code: int, *, as_json: bool = False,
     sys.exit(code)
 
 
+class StampedLines:
+    """A text stream whose every line starts with the time it was written (ISO 8601, in
+    milliseconds, with the UTC offset): for a script's log file, without a shell loop that
+    stamps the lines after the command has ended."""
+
+    def __init__(self, stream):
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        stamp = datetime.now().astimezone().isoformat(timespec="milliseconds") + " "
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                out.append(stamp)
+            out.append(piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name: str):  # flush, fileno, isatty ...: the stream's own
+        return getattr(self.stream, name)
+
+
+def stamp_output() -> None:
+    """From now on, every line on stdout and stderr starts with the time it was written."""
+    sys.stdout, sys.stderr = StampedLines(sys.stdout), StampedLines(sys.stderr)
+
+
+stamp_option = click.option(
+    "--stamp", is_flag=True,
+    help="Start every output line with the time it was written (ISO 8601, milliseconds): "
+         "for a log file. The generated host scripts use it.")
+
+
 def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False) -> None:
     """Print the report and exit with its code.
 
@@ -111,6 +146,7 @@ def emit(report: dict, as_json: bool, started: float, *, fast_exit: bool = False
     reports.emit(report, as_json=as_json, started=started)
     code = reports.exit_code(report)
     if fast_exit:
+        sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
         os._exit(code)

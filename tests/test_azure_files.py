@@ -356,6 +356,17 @@ def test_doctor_names_the_hosts_code_for_a_broken_install(tmpfs_setup):
 # ------------------------------------------------------------------ bugs found
 
 
+def test_a_failing_freeze_stamps_its_error_lines_too(tmp_path):
+    """The pre-script's log has no shell loop stamping lines any more: freeze --stamp must
+    stamp what it prints on every path, an error included."""
+    proc = subprocess.run(QUIESCE + ["--config", str(tmp_path / "missing.toml"), "freeze",
+                                     "--stamp"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert lines and all(ISO_MS.match(line) for line in lines), lines
+    assert "missing.toml" in proc.stderr
+
+
 def test_relative_log_dir_is_made_absolute(setup, tmp_path):
     config, root, _ = setup
     proc = subprocess.run(QUIESCE + ["--config", str(config), "install", "azure", "--root",
@@ -363,4 +374,6 @@ def test_relative_log_dir_is_made_absolute(setup, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for host_path in (PRE_PATH, POST_PATH):
-        assert f" {tmp_path}/log/azure-" in under(root, host_path).read_text(), host_path
+        text = under(root, host_path).read_text()
+        assert f"{tmp_path}/log/azure-" in text, host_path
+        assert text.count("log/azure-") == text.count(f"{tmp_path}/log/azure-"), host_path

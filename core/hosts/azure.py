@@ -39,7 +39,7 @@ from typing import Any
 from . import DoctorContext, Finding, Host, HostFile, HostOptions, InstallSettings, Rehearsal, Verdict
 from . import azure_emulation, azure_rules as rules
 from .azure_rules import CONFIG_JSON, MAX_TIMEOUT, PluginConfig
-from .shell import freeze_command, signal_thaw, thaw_report
+from .shell import freeze, signal_thaw, thaw_report
 
 PRE_SCRIPT = "/etc/azure/quiesce-pre-script.sh"
 POST_SCRIPT = "/etc/azure/quiesce-post-script.sh"
@@ -90,8 +90,8 @@ class AzureHost(Host):
                   "# The host runs `sh <this file>` as root, ignores the shebang, never reads\n"
                   "# our output, and does not kill us at its timeout.\n"
                   ).format(config=settings.config)
-        # Every line of a script's log starts with the time its message came (ISO 8601,
-        # milliseconds; GNU date), so a multi-line report keeps the prefix on each line.
+        # Every line of the post-script's log starts with the time its message came (ISO
+        # 8601, milliseconds; GNU date), so a multi-line report keeps the prefix on each line.
         log_fn = ("log() {\n"
                   "  [ -n \"$1\" ] || return 0\n"
                   "  now=$(date +%Y-%m-%dT%H:%M:%S.%3N%:z)\n"
@@ -101,13 +101,11 @@ class AzureHost(Host):
                   "}\n")
         pre = (f"#!/bin/sh\n{header}"
                "# Quiesce every target; a detached holder keeps them quiesced until the\n"
-               "# post-script (or its watchdog, after max_hold) releases them.\n"
+               "# post-script (or its watchdog, after max_hold) releases them. freeze stamps\n"
+               "# and writes its own log lines, and its exit is the script's: once the\n"
+               "# targets are held, nothing is left to run here.\n"
                "umask 077\n"
-               f"{log_fn}"
-               f"report=$({freeze_command(settings)} </dev/null 2>&1)\n"
-               "status=$?\n"
-               f"log \"$report\" {q(settings.log_dir + '/azure-pre-script.log')}\n"
-               "exit $status\n")
+               f"{freeze(settings, 'azure-pre-script.log', stamped=True)}")
         post = (f"#!/bin/sh\n{header}"
                 "# Release every target. The shell's printf tells the holder at once (the FIFO\n"
                 "# is on tmpfs; opened read-write it never blocks); Python then fetches the\n"

@@ -36,9 +36,11 @@ def indent(text: str) -> str:
 # -- single lines -------------------------------------------------------------------------
 
 
-def freeze_command(settings: InstallSettings) -> str:
-    """Quiesce every target; a detached holder keeps them quiesced until thaw."""
-    return f"{q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze"
+def freeze_command(settings: InstallSettings, *, stamped: bool = False) -> str:
+    """Quiesce every target; a detached holder keeps them quiesced until thaw. *stamped*:
+    every line of its output starts with the time it was written."""
+    return (f"{q(settings.python)} -B -P -m quiesce --config {q(settings.config)} freeze"
+            + (" --stamp" if stamped else ""))
 
 
 def output_to(log: str) -> str:
@@ -67,13 +69,16 @@ def append_report(log: str, prefix: str = "") -> str:
 # -- whole steps --------------------------------------------------------------------------
 
 
-def freeze(settings: InstallSettings, log: str) -> str:
-    """Run `quiesce freeze` in place of the shell, its output appended to *log*.
+def freeze(settings: InstallSettings, log: str, *, stamped: bool = False) -> str:
+    """Run `quiesce freeze` in place of the shell, its output appended to *log* (each line
+    starting with its time, if *stamped*).
 
     Only for a moment when disks are not frozen yet: the holder it leaves behind keeps
-    its log lines in memory while they are.
+    its log lines in memory while they are. Its exit is the script's: once the targets are
+    held, nothing is left to run before the host goes on.
     """
-    return f"{output_to(log_path(settings, log))}\nexec {freeze_command(settings)}\n"
+    return (f"{output_to(log_path(settings, log))}\n"
+            f"exec {freeze_command(settings, stamped=stamped)}\n")
 
 
 def thaw(settings: InstallSettings, log: str, prefix: str = "") -> str:

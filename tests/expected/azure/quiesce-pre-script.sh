@@ -4,16 +4,9 @@
 # The host runs `sh <this file>` as root, ignores the shebang, never reads
 # our output, and does not kill us at its timeout.
 # Quiesce every target; a detached holder keeps them quiesced until the
-# post-script (or its watchdog, after max_hold) releases them.
+# post-script (or its watchdog, after max_hold) releases them. freeze stamps
+# and writes its own log lines, and its exit is the script's: once the
+# targets are held, nothing is left to run here.
 umask 077
-log() {
-  [ -n "$1" ] || return 0
-  now=$(date +%Y-%m-%dT%H:%M:%S.%3N%:z)
-  printf '%s\n' "$1" | while IFS= read -r line; do
-    printf '%s %s\n' "$now" "$line"
-  done >>"$2"
-}
-report=$(@PYTHON@ -B -P -m quiesce --config @TMP@/quiesce.toml freeze </dev/null 2>&1)
-status=$?
-log "$report" @TMP@/log/azure-pre-script.log
-exit $status
+exec </dev/null >>@TMP@/log/azure-pre-script.log 2>&1
+exec @PYTHON@ -B -P -m quiesce --config @TMP@/quiesce.toml freeze --stamp
