@@ -11,6 +11,14 @@ TARGETS = {"sqlite": "database files", "redis": "servers", "mariadb": "servers",
            "postgresql": "clusters"}
 
 
+
+def _busy_at_start(load: str | None) -> bool:
+    """Whether the 1-minute load average at the start says other work was running."""
+    try:
+        return float((load or "").split()[0]) >= 1.0  # a CPU's worth, of two
+    except (ValueError, IndexError):
+        return False
+
 def section_head(title: str, intro: str, found) -> list[str]:
     """A section's heading and introduction, and a note when nothing was *found*."""
     return [f"## {title}", "", intro, ""] + ([] if found else ["Not measured in this run.", ""])
@@ -302,7 +310,8 @@ def render(r: dict) -> str:
     add(f"| CPU | {m['cpus']} × {m['cpu_model']} |")
     add(f"| memory | {m['memory']} |")
     add(f"| load average (1, 5, 15 min) at start / end | {m.get('load_start', '?')} / "
-        f"{m.get('load_end', '?')} (anything else running shares the CPUs with the run) |")
+        f"{m.get('load_end', '?')} (at start: other work, which would share the CPUs with "
+        f"the run; at the end the run's own servers and writers count too) |")
     add(f"| OS, kernel | {m['os']}, Linux {m['kernel']} |")
     add(f"| Python | {m['python']} |")
     add(f"| quiesce | {m['quiesce']} |")
@@ -514,8 +523,10 @@ def render(r: dict) -> str:
     add("* MySQL 8, MongoDB and PostgreSQL 18: no MySQL 8 or MongoDB server is installable "
         "here, and PostgreSQL is measured on 15 only (its backup API does not block writers "
         "in 18 either, so only the freeze latency could differ).")
-    add("* An idle machine: other work shared the CPUs during the run (see the load average "
-        "above); medians are robust to a few disturbed cycles, p95 less so.")
+    if _busy_at_start(m.get("load_start")):
+        add(f"* An idle machine: other work was running when the run started (load average "
+            f"{m['load_start']}) and shared the CPUs with it; medians are robust to a few "
+            f"disturbed cycles, p95 less so.")
     add("")
     if r.get("skipped") or r.get("errors"):
         add("### Skipped in this run")
