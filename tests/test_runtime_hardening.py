@@ -267,6 +267,38 @@ def test_held_since_is_the_first_locked_at_even_when_its_thread_started_late():
     assert cycle.state["deadline"] == pytest.approx(started + 30.030, abs=1e-6)
 
 
+def test_a_release_thread_yields_the_cpu_once_its_release_is_written(tmp_path, monkeypatch):
+    """Once the core has written a target's release (Hold.release), its thaw thread only
+    reads the reply: it runs at a lower priority than the writers it let go. A target whose
+    thaw hook itself releases keeps the normal priority."""
+    import threading
+
+    from quiesce import Hold, Target
+    from quiesce.orchestrator import YIELD_NICE, Release
+    from quiesce.plugins import load_adapters
+
+    adapters = load_adapters()
+    held, other = (Target(name, "sqlite", {"path": str(make_sqlite(tmp_path / f"{name}.db"))},
+                          timeout=5, max_hold=30) for name in ("held", "other"))
+    hold = adapters.call("quiesce", held)
+    assert hold.release is not None and not sqlite_writable(tmp_path / "held.db")
+    priority: dict[str, int] = {}
+    call = adapters.call
+
+    def spy(hook, target, **kwargs):  # the real thaw, noting its thread's nice value
+        if hook == "thaw":
+            priority[target.name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return call(hook, target, **kwargs)
+
+    monkeypatch.setattr(adapters, "call", spy)
+    outcomes = Release(adapters, [held, other]).fire({"held": hold, "other": Hold()}, None)
+    assert [o.status for o in outcomes] == ["ok", "ok"]
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert priority == {"held": min(base + YIELD_NICE, 19), "other": base}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    assert sqlite_writable(tmp_path / "held.db")
+
+
 def test_freeze_fails_rather_than_promise_a_hold_with_almost_nothing_left(tmp_path):
     config = write_config(tmp_path, {"fast": recorder(tmp_path),
                                      "slow": recorder(tmp_path, sleep={"quiesce": 3})},
