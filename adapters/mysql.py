@@ -180,11 +180,16 @@ def _release_problem(stmt: str, error: Exception) -> str:
 class _PreparedRelease:
     """The release statement, written by the core as soon as thaw comes (``Hold.release``:
     back to back with the other targets' releases, before any thaw thread wakes); thaw
-    then reads its reply. Only for a single statement, on a session that can write a query
-    without reading its reply (see _lock_together)."""
+    then reads its reply. On a multi-statement session the session check goes in the same
+    packet. Only for a single statement, on a session that can write a query without
+    reading its reply (see _lock_together)."""
+
+    CHECK = "SELECT CONNECTION_ID()"
 
     def __init__(self, conn, stmt: str):
         self.conn, self.stmt, self.sent = conn, stmt, False
+        self.checks = bool(getattr(conn, "client_flag", 0)
+                           & driver().constants.CLIENT.MULTI_STATEMENTS)
 
     @classmethod
     def of(cls, conn, statements: tuple[str, ...]) -> "_PreparedRelease | None":
@@ -192,18 +197,26 @@ class _PreparedRelease:
         return cls(conn, statements[0]) if usable else None
 
     def send(self) -> None:
-        self.conn._execute_command(driver().constants.COMMAND.COM_QUERY, self.stmt)
+        packet = f"{self.stmt};{self.CHECK}" if self.checks else self.stmt
+        self.conn._execute_command(driver().constants.COMMAND.COM_QUERY, packet)
         self.sent = True
 
-    def problems(self) -> list[str]:
-        """Finish the release: read the reply (or, if it was never written, run it)."""
+    def finish(self) -> tuple[list[str], Any]:
+        """Finish the release: read the reply (or, if it was never written, run it). Returns
+        its problems, and the session id the check read with it (None: not read)."""
         if not self.sent:
-            return _release(self.conn, (self.stmt,), strict=True)
+            return _release(self.conn, (self.stmt,), strict=True), None
         try:
             self.conn.next_result()
-            return []
-        except Exception as e:
-            return [_release_problem(self.stmt, e)]
+        except Exception as e:  # the server ran no check after a failed statement
+            return [_release_problem(self.stmt, e)], None
+        if not self.checks:
+            return [], None
+        try:
+            self.conn.next_result()
+            return [], self.conn._result.rows[0][0]
+        except Exception:  # the caller's own check finds out what went wrong
+            return [], None
 
 
 def _kill_session(target: Target, s: Settings, thread_id: int) -> None:
@@ -644,11 +657,12 @@ def thaw(target: Target, hold: Hold) -> dict[str, Any] | None:
     # holder's session. Plain queries: PyMySQL never reconnects here (and nothing here
     # calls ping()), so on a lost session the release fails and the check says why.
     prepared = hold.release
-    released = prepared.problems() if isinstance(prepared, _PreparedRelease) \
-        else _release(conn, facts.get("release_sql", ()), strict=True)
+    released, now = prepared.finish() if isinstance(prepared, _PreparedRelease) \
+        else (_release(conn, facts.get("release_sql", ()), strict=True), None)
     broken: list[str] = []
     try:
-        now = query(conn, "SELECT CONNECTION_ID()")[0][0]
+        if now is None:
+            now = query(conn, _PreparedRelease.CHECK)[0][0]
         if int(now) != thread_id:
             broken.append(f"the holder's session changed from {thread_id} to {now}: a reconnect "
                           f"happened and the new session held no lock")

@@ -252,7 +252,9 @@ def test_hold_blocks_writers_until_thaw_and_records_coordinates(adapters, db, tm
         released = adapters.call("thaw", target, hold=hold)
     assert released == {"released": list(hold.facts["release_sql"])}
     [release] = hold.facts["release_sql"]
-    assert sent.count(release) == 1, "the release was not written once, by the core's send()"
+    # written once, by the core's send(), with the session check in the same packet
+    assert sent.count(f"{release};SELECT CONNECTION_ID()") == 1, sent
+    assert "SELECT CONNECTION_ID()" not in sent, "the session check took a round trip of its own"
     assert innodb.done.wait(5) and innodb.error is None
     assert myisam.done.wait(5) and myisam.error is None
     assert master_status(db)[1] > pos, "the blocked writes did not commit after thaw"
