@@ -300,7 +300,7 @@ def _attempt(target: Target, s: Settings, conn, server: Server, plan: Plan,
                 raise TargetError(f"{stmt} was refused: {error_text(e)}; run `quiesce check` for "
                                   f"the GRANT to run") from None
             raise TargetError(f"{stmt} failed: {error_text(e)}") from None
-    if len(rows) < len(reads):  # the blocking statement was not the last: read them now
+    if len(rows) < len(reads):  # not read with the lock: read them now, under it
         rows = [query_dicts(conn, read) for read in reads]
     return _Locked(time.monotonic() - started, locked_at, rows)
 
@@ -308,7 +308,8 @@ def _attempt(target: Target, s: Settings, conn, server: Server, plan: Plan,
 def _lock_together(target: Target, conn, stmt: str, reads: tuple[str, ...]
                    ) -> tuple[float, float, list[list[dict[str, Any]]]]:
     """Run *stmt*, then *reads*, through the lock gate: when *stmt* was written
-    (time.monotonic()), when its reply came (time.time()), and each read's rows.
+    (time.monotonic()), when its reply came (time.time()), and each read's rows (none if
+    the session cannot carry them in the lock's packet).
 
     The thread that opens the gate writes every target's statement back to back, so all
     servers get theirs within a millisecond (woken one after another, 32 threads would
@@ -322,11 +323,11 @@ def _lock_together(target: Target, conn, stmt: str, reads: tuple[str, ...]
     lines the threads up.
     """
     write_query = getattr(conn, "_execute_command", None)
-    if write_query is None:
+    if write_query is None:  # no rows: the caller reads them
         target.lock_gate()
         written = time.monotonic()
         query(conn, stmt)
-        return written, time.time(), [query_dicts(conn, read) for read in reads]
+        return written, time.time(), []
     if not getattr(conn, "client_flag", 0) & driver().constants.CLIENT.MULTI_STATEMENTS:
         reads = ()
     written: list[float] = []
