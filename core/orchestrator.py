@@ -252,6 +252,7 @@ class Release:
         self.adapters, self.targets = adapters, targets  # reverse config order
         self.go = threading.Event()
         self.holds: dict[str, Hold] = {}
+        self.sent: set[str] = set()  # targets whose prepared release the firing thread wrote
         self.reason: str | None = None
         self.results: dict[str, Outcome] = {}
         self.threads = {t.name: threading.Thread(target=self._release, args=(t,),
@@ -269,7 +270,7 @@ class Release:
         hold = self.holds.get(target.name)
         if hold is None:
             return
-        if hold.release is not None:
+        if target.name in self.sent:
             _yield_to_writers()
         self.results[target.name], _ = call(self.adapters, "thaw", target,
                                             judge=self.judge, hold=hold)
@@ -277,19 +278,19 @@ class Release:
     def fire(self, holds: dict[str, Hold], reason: str | None) -> list[Outcome]:
         """Release every held target now; their outcomes, in reverse config order."""
         self.holds, self.reason = dict(holds), reason
+        held = [t for t in self.targets if t.name in self.holds]
         fired = time.monotonic()
-        for target in self.targets:
-            release = self.holds[target.name].release if target.name in self.holds else None
+        for target in held:
+            release = self.holds[target.name].release
             if release is not None:
                 try:
                     release.send()
+                    self.sent.add(target.name)
                 except Exception:  # its thaw hook finds out and reports it
                     log.debug("a prepared release failed to send", exc_info=True)
         self.go.set()
         outcomes = []
-        for target in self.targets:
-            if target.name not in self.holds:
-                continue
+        for target in held:
             limit = hard_limit(target)
             self.threads[target.name].join(timeout=max(0.0, fired + limit - time.monotonic()))
             outcome = self.results.get(target.name) or Outcome(

@@ -129,12 +129,7 @@ def test_the_gate_writes_every_lock_statement_back_to_back_from_one_thread():
         except ConnectionResetError as e:
             events.append((f"error: {e}", target.name, threading.get_ident()))
 
-    threads = [threading.Thread(target=prepare_and_lock, args=(t, 0.02 * i))
-               for i, t in enumerate(targets)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    prepare_in_threads(prepare_and_lock, targets)
     writes = [e for e in events if e[0] == "write"]
     assert sorted(name for _, name, _ in writes) == sorted(t.name for t in targets)
     assert len({thread for _, _, thread in writes}) == 1, "the writes came from several threads"
@@ -142,6 +137,18 @@ def test_the_gate_writes_every_lock_statement_back_to_back_from_one_thread():
     outcomes = {name: what for what, name, _ in events[len(targets):]}
     assert outcomes.pop("t3") == "error: the server went away"
     assert set(outcomes.values()) == {"locked"}
+
+
+def prepare_in_threads(prepare_and_lock, targets):
+    """One thread per target, as the quiesce phase runs them; preparations end 20 ms apart."""
+    import threading
+
+    threads = [threading.Thread(target=prepare_and_lock, args=(t, 0.02 * i))
+               for i, t in enumerate(targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
 
 
 def test_a_target_that_reaches_an_opened_gate_writes_its_own_lock():
@@ -191,12 +198,7 @@ def test_the_gate_reads_every_reply_in_turn_after_every_write():
             got[target.name] = f"error: {e}"
         events.append(("woke", target.name, threading.get_ident()))
 
-    threads = [threading.Thread(target=prepare_and_lock, args=(t, 0.02 * i))
-               for i, t in enumerate(targets)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    prepare_in_threads(prepare_and_lock, targets)
     n = len(targets)
     assert [e[0] for e in events[:2 * n]] == ["write"] * n + ["read"] * n, \
         "a reply was read before every lock was written, or a waiter woke before every read"

@@ -270,7 +270,8 @@ def test_held_since_is_the_first_locked_at_even_when_its_thread_started_late():
 def test_a_release_thread_yields_the_cpu_once_its_release_is_written(tmp_path, monkeypatch):
     """Once the core has written a target's release (Hold.release), its thaw thread only
     reads the reply: it runs at a lower priority than the writers it let go. A target whose
-    thaw hook itself releases keeps the normal priority."""
+    thaw hook itself releases, or whose prepared release failed to send, keeps the normal
+    priority."""
     import threading
 
     from quiesce import Hold, Target
@@ -278,9 +279,11 @@ def test_a_release_thread_yields_the_cpu_once_its_release_is_written(tmp_path, m
     from quiesce.plugins import load_adapters
 
     adapters = load_adapters()
-    held, other = (Target(name, "sqlite", {"path": str(make_sqlite(tmp_path / f"{name}.db"))},
-                          timeout=5, max_hold=30) for name in ("held", "other"))
+    held, other, lost = (Target(name, "sqlite", {"path": str(make_sqlite(tmp_path / f"{name}.db"))},
+                                timeout=5, max_hold=30) for name in ("held", "other", "lost"))
     hold = adapters.call("quiesce", held)
+    lost_hold = adapters.call("quiesce", lost)
+    lost_hold.session.close()  # its release cannot be sent: the thaw hook must deal with it
     assert hold.release is not None and not sqlite_writable(tmp_path / "held.db")
     priority: dict[str, int] = {}
     call = adapters.call
@@ -291,10 +294,11 @@ def test_a_release_thread_yields_the_cpu_once_its_release_is_written(tmp_path, m
         return call(hook, target, **kwargs)
 
     monkeypatch.setattr(adapters, "call", spy)
-    outcomes = Release(adapters, [held, other]).fire({"held": hold, "other": Hold()}, None)
-    assert [o.status for o in outcomes] == ["ok", "ok"]
+    outcomes = Release(adapters, [held, other, lost]).fire(
+        {"held": hold, "other": Hold(), "lost": lost_hold}, None)
+    assert [o.status for o in outcomes] == ["ok", "ok", "failed"]
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    assert priority == {"held": min(base + YIELD_NICE, 19), "other": base}
+    assert priority == {"held": min(base + YIELD_NICE, 19), "other": base, "lost": base}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     assert sqlite_writable(tmp_path / "held.db")
 
